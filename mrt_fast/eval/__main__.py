@@ -1,0 +1,5 @@
+import sys
+
+from mrt_fast.eval import main
+
+sys.exit(main())

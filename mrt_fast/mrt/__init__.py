@@ -1,0 +1,43 @@
+"""The MRT method: episodes, the meta-prover and progress, rewards/advantages, training plans.
+
+- :mod:`.episodes`   split thinking text into episodes; map them to tokens
+- :mod:`.progress`   meta-prover ``J`` at episode boundaries (forced termination), progress
+- :mod:`.advantages` ``R = outcome + alpha * progress`` and the three advantage forms
+- :mod:`.plans`      GRPO, MRT-RL, MRT-online and MRT-STaR data plans for the trainer
+"""
+
+from mrt_fast.mrt.advantages import (
+    group_baseline,
+    mrt_rewards,
+    per_episode_dense,
+    progress_rewards,
+    termination_baseline,
+)
+from mrt_fast.mrt.episodes import (
+    DEFAULT_CUES,
+    EpisodeSplitter,
+    response_episodes,
+    split_episodes,
+    thinking_span,
+    token_episode_ids,
+    tokenize_episodes,
+)
+from mrt_fast.mrt.progress import estimate_J, progress_from_J, run_meta_prover
+
+__all__ = [
+    "DEFAULT_CUES",
+    "EpisodeSplitter",
+    "estimate_J",
+    "group_baseline",
+    "mrt_rewards",
+    "per_episode_dense",
+    "progress_from_J",
+    "progress_rewards",
+    "response_episodes",
+    "run_meta_prover",
+    "split_episodes",
+    "termination_baseline",
+    "thinking_span",
+    "token_episode_ids",
+    "tokenize_episodes",
+]

@@ -1,0 +1,408 @@
+"""The embedded rollout engine: sampling with a shared, reusable KV cache on any HF causal LM.
+
+Why not `model.generate`: MRT needs (1) one prefill per prefix shared by all its branches,
+(2) one prefill per *trace* shared by all its episode boundaries (the cache cut at each
+boundary), (3) stop strings matched across token boundaries per row, and (4) per-token
+log-probs under the sampling temperature. The loop below does all four with plain forwards
+over `KVRows` (mrt_fast.rollout.kv_cache).
+
+Batching: rows of different lengths share a batch by left padding. Every forward passes a 2-D
+attention mask (which columns hold real tokens) and explicit position ids, so a row's tokens
+get the same positions and attend to the same keys as they would alone.
+
+The engine holds the trainer's module itself (no copy): a training step changes what it samples
+from immediately. Sampling runs under `torch.inference_mode()` with the module in eval mode
+(restored afterwards).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .kv_cache import KVRows
+from .params import Completion, SamplingParams
+from .protocol import check_n, check_params, check_token_lists
+from .sampling import sample_next, uniform_streams
+from .stopping import StopStrings
+
+
+@dataclass
+class PrefixCache:
+    """Prefilled prefixes, reusable by several `HFEngine.fork` calls (e.g. the terminate-now and
+    continue-thinking halves of an MRT-RL group). Invalidated by `update_weights`."""
+
+    token_ids: list[list[int]]
+    kv: KVRows
+    last_logits: torch.Tensor  # [prefixes, vocab] fp32
+    weights_version: int
+
+
+@dataclass
+class _Branch:
+    """One row to decode: which cached row it continues, and its bookkeeping."""
+
+    kv_row: int
+    stream: tuple[int, ...]  # names its random stream
+    prompt_len: int
+    budget: int  # most tokens it may generate (max_new_tokens, capped by the context)
+
+
+class HFEngine:
+    """Rollout engine over a transformers causal LM (CPU or GPU).
+
+    Args:
+        model: any `transformers` causal LM whose layers use full attention with a standard KV
+            cache (Llama, Qwen2, Mistral without sliding window, ...).
+        tokenizer: needed for `Completion.text` and stop strings; without it text is "".
+        max_batch_size: most rows decoded together; larger requests are split.
+        prefill_chunk_tokens: budget of (rows x columns) per prefill forward; long prompts are
+            prefilled in column chunks of this many tokens in total.
+        eos_token_id: overrides the EOS id(s) taken from the generation config / config /
+            tokenizer.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any = None,
+        *,
+        max_batch_size: int = 256,
+        prefill_chunk_tokens: int = 8192,
+        eos_token_id: int | list[int] | None = None,
+    ):
+        if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
+            raise TypeError(f"model must be a transformers causal LM, got {type(model).__name__}")
+        check_n(max_batch_size, "max_batch_size")
+        check_n(prefill_chunk_tokens, "prefill_chunk_tokens")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_batch_size = max_batch_size
+        self.prefill_chunk_tokens = prefill_chunk_tokens
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        layer_types = getattr(config, "layer_types", None) or []
+        if any(t != "full_attention" for t in layer_types):
+            raise ValueError(
+                f"model: HFEngine needs full-attention layers (a cut cache must stay exact), got layer_types={set(layer_types)}"
+            )
+        self.num_layers = config.num_hidden_layers
+        self.vocab_size = model.get_input_embeddings().num_embeddings
+        self.max_context_len: int | None = getattr(config, "max_position_embeddings", None)
+        self.eos_token_ids = self._eos_ids(eos_token_id)
+        params = inspect.signature(model.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        self._keep_kwarg = "logits_to_keep" in params
+        self._weights_version = 0
+
+    # ----------------------------------------------------------------------------------- API
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams, n: int = 1) -> list[list[Completion]]:
+        """`n` samples per prompt, [prompt][sample]. Each prompt is prefilled once for its n samples."""
+        prompts = check_token_lists(prompts, "prompts", vocab_size=self.vocab_size, max_len=self.max_context_len)
+        return self._fork_tokens(prompts, params, check_n(n))
+
+    def fork(self, prefixes: list[list[int]] | PrefixCache, params: SamplingParams, n: int) -> list[list[Completion]]:
+        """`n` branches per prefix, [prefix][branch]; each prefix's KV is computed once and
+        copied into its branches. `prefixes` may be a `PrefixCache` from `prefill` to reuse a
+        prefill across calls."""
+        n = check_n(n)
+        if isinstance(prefixes, PrefixCache):
+            return self._fork_cached(prefixes, params, n)
+        prefixes = check_token_lists(prefixes, "prefixes", vocab_size=self.vocab_size, max_len=self.max_context_len)
+        return self._fork_tokens(prefixes, params, n)
+
+    def prefill(self, prefixes: list[list[int]]) -> PrefixCache:
+        """Compute the KV cache of `prefixes` once, for several later `fork` calls."""
+        prefixes = check_token_lists(prefixes, "prefixes", vocab_size=self.vocab_size, max_len=self.max_context_len)
+        with self._sampling_mode():
+            kv, logits = self._prefill(prefixes)
+        return PrefixCache(prefixes, kv, logits, self._weights_version)
+
+    def branch_at_boundaries(
+        self,
+        traces: list[list[int]],
+        boundaries: list[list[int]],
+        termination_ids: list[int],
+        params: SamplingParams,
+        k: int,
+    ) -> list[list[list[Completion]]]:
+        """k answers per (trace, boundary): see `mrt_fast.rollout.branch_at_boundaries`.
+
+        One prefill per trace (up to its last boundary); each boundary's context is that cache
+        cut at the boundary, followed by `termination_ids` (fed once per boundary, then shared
+        by its k answers). All boundaries of all traces are decoded in shared batches.
+        """
+        from .branching import check_branch_inputs
+
+        traces, boundaries, termination_ids = check_branch_inputs(
+            traces, boundaries, termination_ids, k,
+            vocab_size=self.vocab_size, max_len=self.max_context_len,
+        )
+        check_params(params, vocab_size=self.vocab_size, has_tokenizer=self.tokenizer is not None)
+        out: list[list[list[Completion]]] = [[[] for _ in b] for b in boundaries]
+        base = self._base_seed(params)
+        # Cached part of each (trace, boundary) context and the suffix still to be fed. With no
+        # termination text the boundary's last trace token is re-fed to get its logits.
+        jobs = []  # (trace, boundary index, cached length, suffix)
+        for t, (trace, bounds) in enumerate(zip(traces, boundaries)):
+            for b_idx, b in enumerate(bounds):
+                context = trace[:b] + termination_ids
+                cached = min(b, len(context) - 1)
+                jobs.append((t, b_idx, cached, context[cached:]))
+        rows_per_group = max(1, self.max_batch_size // k)
+        with self._sampling_mode():
+            for group in _groups_by_trace(jobs, rows_per_group):
+                group_traces = sorted({j[0] for j in group})
+                local = {t: i for i, t in enumerate(group_traces)}
+                longest = {t: max(j[2] for j in group if j[0] == t) for t in group_traces}
+                prefixes = [traces[t][: longest[t]] for t in group_traces]
+                trace_kv, _ = self._prefill(prefixes, allow_empty=True)
+                for chunk_start in range(0, len(group), rows_per_group):
+                    chunk = group[chunk_start : chunk_start + rows_per_group]
+                    src = torch.tensor([local[j[0]] for j in chunk])
+                    keep = torch.tensor([j[2] for j in chunk])
+                    kv = trace_kv.truncated(src, keep)
+                    logits = self._extend(kv, [j[3] for j in chunk])
+                    branches = []
+                    for row, (t, b_idx, cached, suffix) in enumerate(chunk):
+                        context_len = cached + len(suffix)
+                        for s in range(k):
+                            branches.append(_Branch(row, (base, s) if params.seed is not None else (base, t, b_idx, s),
+                                                    context_len, self._budget(params, context_len)))
+                    results = self._decode_branches(kv, logits, branches, params)
+                    for row, (t, b_idx, _, _) in enumerate(chunk):
+                        out[t][b_idx] = results[row * k : (row + 1) * k]
+        return out
+
+    def update_weights(self, weights: Any = None) -> None:
+        """Sync the weights the engine samples from.
+
+        The engine shares the trainer's module, so after an in-place optimizer step there is
+        nothing to copy: call `update_weights()` anyway, which invalidates `PrefixCache`
+        handles computed with the old weights. Given another module or a state dict (a
+        mapping or an iterable of (name, tensor) pairs, possibly a partial bucket), the named
+        parameters/buffers are copied into the engine's module; unknown names are an error.
+        """
+        self._weights_version += 1
+        if weights is None or weights is self.model:
+            return
+        if isinstance(weights, torch.nn.Module):
+            weights = weights.state_dict()
+        items = weights.items() if isinstance(weights, Mapping) else weights
+        if not isinstance(items, Iterable):
+            raise TypeError(f"weights must be a module, a state dict or (name, tensor) pairs, got {type(weights).__name__}")
+        own = dict(self.model.state_dict(keep_vars=True))
+        unknown = []
+        with torch.no_grad():
+            for name, tensor in items:
+                target = own.get(name)
+                if target is None:
+                    unknown.append(name)
+                    continue
+                if target.shape != tensor.shape:
+                    raise ValueError(f"weights[{name!r}] has shape {tuple(tensor.shape)}, expected {tuple(target.shape)}")
+                target.copy_(tensor)
+        if unknown:
+            raise ValueError(f"weights has names the model does not have: {unknown[:5]}{'...' if len(unknown) > 5 else ''}")
+
+    # ------------------------------------------------------------------------------ internals
+
+    def _eos_ids(self, override: int | list[int] | None) -> set[int]:
+        candidates: list[Any] = [override]
+        if override is None:
+            gen = getattr(self.model, "generation_config", None)
+            candidates = [getattr(gen, "eos_token_id", None), getattr(self.model.config, "eos_token_id", None)]
+            if self.tokenizer is not None:
+                candidates.append(getattr(self.tokenizer, "eos_token_id", None))
+        for value in candidates:
+            if value is not None:
+                ids = {value} if isinstance(value, int) else set(value)
+                bad = [t for t in ids if not 0 <= t < self.vocab_size]
+                if bad:
+                    raise ValueError(f"eos_token_id {bad} is outside the vocabulary (size {self.vocab_size})")
+                return ids
+        return set()
+
+    @contextlib.contextmanager
+    def _sampling_mode(self):
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.inference_mode():
+                yield
+        finally:
+            self.model.train(was_training)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _base_seed(self, params: SamplingParams) -> int:
+        if params.seed is not None:
+            return params.seed
+        return int(torch.randint(0, 2**62, (1,)).item())  # torch.manual_seed makes this reproducible
+
+    def _budget(self, params: SamplingParams, context_len: int) -> int:
+        if self.max_context_len is None:
+            return params.max_new_tokens
+        return max(0, min(params.max_new_tokens, self.max_context_len - context_len))
+
+    def _forward(self, kv: KVRows, tokens: torch.Tensor, token_valid: torch.Tensor) -> torch.Tensor:
+        """Append a block of tokens [rows, S] (left-padded: the last column is real for every
+        row that has any) to the cache; returns the logits at the last column, fp32 [rows, V]."""
+        positions = kv.next_pos[:, None] + (token_valid.long().cumsum(dim=1) - 1).clamp(min=0)
+        mask = torch.cat([kv.valid, token_valid], dim=1)
+        kwargs = {self._cache_kwarg: kv.cache, "use_cache": True}
+        if self._keep_kwarg:
+            kwargs["logits_to_keep"] = 1
+        out = self.model(input_ids=tokens, attention_mask=mask.long(), position_ids=positions, **kwargs)
+        kv.valid = mask
+        kv.next_pos = kv.next_pos + token_valid.sum(dim=1)
+        return out.logits[:, -1].float()
+
+    def _extend(self, kv: KVRows, suffixes: list[list[int]]) -> torch.Tensor:
+        """Feed each row its suffix (left-padded into one block, in column chunks); returns the
+        logits after each row's last suffix token."""
+        device = self.device
+        width = max(len(s) for s in suffixes)
+        tokens = torch.zeros(len(suffixes), width, dtype=torch.long)
+        valid = torch.zeros(len(suffixes), width, dtype=torch.bool)
+        for r, s in enumerate(suffixes):
+            if s:
+                tokens[r, width - len(s):] = torch.tensor(s)
+                valid[r, width - len(s):] = True
+        tokens, valid = tokens.to(device), valid.to(device)
+        step = max(1, self.prefill_chunk_tokens // len(suffixes))
+        logits = None
+        for start in range(0, width, step):
+            logits = self._forward(kv, tokens[:, start : start + step], valid[:, start : start + step])
+        return logits
+
+    def _prefill(self, prefixes: list[list[int]], allow_empty: bool = False) -> tuple[KVRows, torch.Tensor]:
+        kv = KVRows.empty(self.num_layers, len(prefixes), self.device, max(len(p) for p in prefixes))
+        if all(len(p) == 0 for p in prefixes):
+            if not allow_empty:
+                raise ValueError("prefixes are empty")
+            return kv, torch.empty(len(prefixes), self.vocab_size, device=self.device)
+        return kv, self._extend(kv, prefixes)
+
+    def _fork_tokens(self, prefixes: list[list[int]], params: SamplingParams, n: int) -> list[list[Completion]]:
+        check_params(params, vocab_size=self.vocab_size, has_tokenizer=self.tokenizer is not None)
+        per_group = max(1, self.max_batch_size // n)
+        out: list[list[Completion]] = []
+        base = self._base_seed(params)
+        with self._sampling_mode():
+            for start in range(0, len(prefixes), per_group):
+                group = prefixes[start : start + per_group]
+                kv, logits = self._prefill(group)
+                out.extend(self._fork_rows(kv, logits, group, params, n, base, first_index=start))
+        return out
+
+    def _fork_cached(self, cache: PrefixCache, params: SamplingParams, n: int) -> list[list[Completion]]:
+        if cache.weights_version != self._weights_version:
+            raise ValueError("prefixes: this PrefixCache was computed before update_weights(); call prefill() again")
+        check_params(params, vocab_size=self.vocab_size, has_tokenizer=self.tokenizer is not None)
+        with self._sampling_mode():
+            return self._fork_rows(cache.kv, cache.last_logits, cache.token_ids, params, n, self._base_seed(params))
+
+    def _fork_rows(self, kv, logits, prefixes, params, n, base, first_index=0) -> list[list[Completion]]:
+        branches = [
+            _Branch(r, (base, s) if params.seed is not None else (base, first_index + r, s),
+                    len(p), self._budget(params, len(p)))
+            for r, p in enumerate(prefixes)
+            for s in range(n)
+        ]
+        results = self._decode_branches(kv, logits, branches, params)
+        return [results[r * n : (r + 1) * n] for r in range(len(prefixes))]
+
+    def _decode_branches(self, kv: KVRows, logits: torch.Tensor, branches: list[_Branch],
+                         params: SamplingParams) -> list[Completion]:
+        """Decode every branch (in batches of at most max_batch_size rows); in branch order."""
+        results: list[Completion] = []
+        for start in range(0, len(branches), self.max_batch_size):
+            batch = branches[start : start + self.max_batch_size]
+            rows = torch.tensor([b.kv_row for b in batch])
+            reserve = max(b.budget for b in batch)
+            results.extend(self._decode(kv.select(rows, reserve), logits[rows.to(logits.device)], batch, params))
+        return results
+
+    def _decode(self, kv: KVRows, logits: torch.Tensor, branches: list[_Branch], params: SamplingParams) -> list[Completion]:
+        """The sampling loop: one token per live row per step; finished rows leave the batch."""
+        steps = max(b.budget for b in branches)
+        uniforms = uniform_streams([b.stream for b in branches], max(steps, 1), logits.device)
+        stops = (StopStrings(self.tokenizer, params.stop, skip_special_tokens=params.skip_special_tokens)
+                 if params.stop else None)
+        stop_ids = set(params.stop_token_ids)
+        eos_ids = set() if params.ignore_eos else self.eos_token_ids
+        tokens_out: list[list[int]] = [[] for _ in branches]
+        logprobs_out: list[list[float]] = [[] for _ in branches]
+        finish: list[Any] = [None] * len(branches)
+        stop_reason: list[Any] = [None] * len(branches)
+        for i, b in enumerate(branches):
+            if b.budget == 0:  # the context already fills the model's context window
+                finish[i] = "length"
+        live = [i for i in range(len(branches)) if finish[i] is None]
+        if len(live) < len(branches):
+            keep = torch.tensor(live, dtype=torch.long)
+            kv, logits = kv.select(keep, steps), logits[keep.to(logits.device)]
+        step = 0
+        while live:
+            tokens, logprobs = sample_next(logits, params, uniforms[live, step])
+            still = []
+            for i, tok, lp in zip(live, tokens.tolist(), logprobs.tolist()):
+                tokens_out[i].append(tok)
+                logprobs_out[i].append(lp)
+                if tok in stop_ids:
+                    finish[i], stop_reason[i] = "stop", tok
+                elif tok in eos_ids:
+                    finish[i] = "eos"
+                elif stops is not None and stops.hit(tokens_out[i]):
+                    finish[i] = "stop"
+                elif len(tokens_out[i]) >= branches[i].budget:
+                    finish[i] = "length"
+                else:
+                    still.append(i)
+            step += 1
+            if not still:
+                break
+            if len(still) < len(live):
+                keep = torch.tensor([live.index(i) for i in still], dtype=torch.long)
+                kv = kv.select(keep, steps - step)
+                tokens = tokens[keep.to(tokens.device)]
+            live = still
+            ones = torch.ones(len(live), 1, dtype=torch.bool, device=tokens.device)
+            logits = self._forward(kv, tokens[:, None], ones)
+        return [self._completion(tokens_out[i], logprobs_out[i], finish[i], stop_reason[i], b.prompt_len, params, stops)
+                for i, b in enumerate(branches)]
+
+    def _completion(self, token_ids, logprobs, finish, stop_reason, prompt_len, params, stops) -> Completion:
+        text = ""
+        if self.tokenizer is not None:
+            text = self.tokenizer.decode(token_ids, skip_special_tokens=params.skip_special_tokens,
+                                         clean_up_tokenization_spaces=False)
+            if stops is not None and finish == "stop" and stop_reason is None:
+                text, stop_reason = stops.cut(text)
+        return Completion(token_ids, text, logprobs, finish, prompt_len, stop_reason)
+
+
+def _groups_by_trace(jobs: list[tuple], rows_per_group: int) -> list[list[tuple]]:
+    """Split (trace, boundary, ...) jobs into groups of whole traces with at most
+    `rows_per_group` boundaries each (a trace with more boundaries forms its own group)."""
+    groups: list[list[tuple]] = []
+    current: list[tuple] = []
+    by_trace: dict[int, list[tuple]] = {}
+    for job in jobs:
+        by_trace.setdefault(job[0], []).append(job)
+    for trace_jobs in by_trace.values():
+        if current and len(current) + len(trace_jobs) > rows_per_group:
+            groups.append(current)
+            current = []
+        current = current + trace_jobs
+    if current:
+        groups.append(current)
+    return groups

@@ -1,0 +1,200 @@
+"""Meta-prover wiring and the training plans on a tiny random model through the real HF engine.
+
+Old-policy traces are real R1-style traces of the embedded task (so they have several episodes);
+continuations and forced answers come from a tiny random Qwen2 model. The test grader is a fixed
+function of the response text (about half the random answers pass), so advantages are non-trivial
+and can be recomputed by hand from the returned tokens.
+"""
+
+import random
+
+import pytest
+import torch
+
+from mrt_fast.data import build_tiny_tokenizer, grade
+from mrt_fast.data.synthetic import generate_problems, sft_trace
+from mrt_fast.data.tiny_model import tiny_model_config
+from mrt_fast.mrt.plans import episode_trace, grpo_plan, mrt_online_plan, mrt_rl_plan, mrt_star_plan
+from mrt_fast.mrt.progress import progress_from_J, run_meta_prover, termination_token_ids
+from mrt_fast.packing import pack
+from mrt_fast.rollout import HFEngine, SamplingParams
+
+
+def parity_grader(response: str, answer: str) -> bool:
+    return sum(map(ord, response)) % 2 == 0
+
+
+@pytest.fixture(scope="module")
+def setup():
+    tok = build_tiny_tokenizer()
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = tiny_model_config(len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=2, num_key_value_heads=2)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    engine = HFEngine(model, tok)
+    problems = generate_problems(2, seed=3)
+    prompts = []
+    for p in problems:
+        text = tok.apply_chat_template([{"role": "user", "content": p.prompt}], add_generation_prompt=True, tokenize=False)
+        prompts.append(tok(text, add_special_tokens=False)["input_ids"])
+    traces = [tok(sft_trace(p, random.Random(s)), add_special_tokens=False)["input_ids"]
+              for s, p in enumerate(problems)]
+    return dict(tok=tok, model=model, engine=engine, prompts=prompts, answers=[p.answer for p in problems],
+                traces=traces, term=termination_token_ids(tok),
+                params=SamplingParams(temperature=1.0, max_new_tokens=10, seed=1))
+
+
+def text_of(tok, ids):
+    return tok.decode(ids, skip_special_tokens=True)
+
+
+def test_meta_prover_grades_k_forced_answers_at_every_boundary(setup):
+    s = setup
+    trs = [episode_trace(s["tok"], t) for t in s["traces"]]
+    bounds = [tr.meta_boundaries() for tr in trs]
+    assert all(b[0] == 0 and b == sorted(b) and len(b) == tr.num_episodes + 1 for b, tr in zip(bounds, trs))
+    res = run_meta_prover(s["engine"], s["prompts"], s["traces"], bounds, answers=s["answers"], grader=parity_grader,
+                          termination_ids=s["term"], k=3, params=s["params"])
+    for i, per_trace in enumerate(res.completions):
+        assert len(per_trace) == len(bounds[i])
+        for b, answers_at_b, J in zip(bounds[i], per_trace, res.J[i]):
+            assert len(answers_at_b) == 3
+            assert all(c.prompt_len == len(s["prompts"][i]) + b + len(s["term"]) for c in answers_at_b)
+            assert J == sum(parity_grader(c.text, "") for c in answers_at_b) / 3
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        run_meta_prover(s["engine"], s["prompts"], s["traces"], bounds, answers=s["answers"], grader=parity_grader,
+                        termination_ids=s["term"], k=0, params=s["params"])
+
+
+def check_groups_consistent(plan):
+    seen = set()
+    for g in plan.groups:
+        ids_here = set()
+        for k, cont in enumerate(g.continuations):
+            mask, eps = g.loss_mask(k), g.episode_id(k)
+            assert len(mask) == len(eps) == len(cont) > 0
+            assert eps == sorted(eps)
+            ids_here |= set(eps)
+        assert not (ids_here & seen), "episode ids must be unique across groups"
+        seen |= ids_here
+    assert plan.advantages.dtype == torch.float32 and torch.isfinite(plan.advantages).all()
+
+
+def test_grpo_plan(setup):
+    s = setup
+    plan = grpo_plan(s["engine"], s["tok"], s["prompts"], s["answers"], grader=parity_grader, params=s["params"], n=3)
+    check_groups_consistent(plan)
+    assert plan.level == "sequence" and plan.num_sequences == 6 == plan.advantages.numel()
+    r = []
+    for g, prompt in zip(plan.groups, s["prompts"]):
+        assert g.prefix == prompt and len(g.continuations) == 3
+        assert all(m == 1.0 for k in range(3) for m in g.loss_mask(k))
+        r.append([float(parity_grader(text_of(s["tok"], c), "")) for c in g.continuations])
+    r = torch.tensor(r)
+    torch.testing.assert_close(plan.advantages, (r - r.mean(1, keepdim=True)).flatten())
+    assert plan.metrics["reward/mean"] == pytest.approx(r.mean().item())
+    assert plan.metrics["response_length/mean"] == pytest.approx(sum(len(c) for g in plan.groups for c in g.continuations) / 6)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5])
+def test_mrt_rl_plan_termination_baseline(setup, alpha):
+    s = setup
+    n = 4
+    plan = mrt_rl_plan(s["engine"], s["tok"], s["prompts"], s["answers"], grader=parity_grader, params=s["params"],
+                       termination_ids=s["term"], n=n, alpha=alpha, old_traces=s["traces"], rng=random.Random(5))
+    check_groups_consistent(plan)
+    assert len(plan.groups) == 2 and plan.num_sequences == 2 * n == plan.advantages.numel()
+    expected = []
+    for g, (i, j, b), J_reported in zip(plan.groups, plan.details["cuts"], plan.details["J_prefix"]):
+        tr = episode_trace(s["tok"], s["traces"][i])
+        assert b == ([0] + tr.episode_ends)[j] and j < tr.num_episodes  # cut at an episode boundary
+        assert g.prefix == s["prompts"][i] + s["traces"][i][:b]
+        T = len(s["term"])
+        r_term, r_cont = [], []
+        for k, cont in enumerate(g.continuations):
+            mask, eps = g.loss_mask(k), g.episode_id(k)
+            if k < n // 2:  # terminate now: termination text (masked) + answer (trained)
+                assert cont[:T] == s["term"] and mask == [0.0] * T + [1.0] * (len(cont) - T)
+                assert len(set(eps)) == 1
+                r_term.append(float(parity_grader(text_of(s["tok"], cont[T:]), "")))
+            else:
+                assert mask == [1.0] * len(cont)
+                r_cont.append(float(parity_grader(text_of(s["tok"], cont), "")))
+        J = sum(r_term) / len(r_term)
+        assert J_reported == J
+        expected += [r - J for r in r_term] + [r + alpha * (r - J) - J for r in r_cont]
+    torch.testing.assert_close(plan.advantages, torch.tensor(expected))
+    assert {"reward/mean", "reward/progress/mean", "response_length/mean", "mrt/J_prefix/mean"} <= set(plan.metrics)
+
+    # The packer consumes the groups as they are: one target per continuation token, masks carried.
+    batches = pack(plan.groups)
+    assert sum(b.num_targets for b in batches) == sum(len(c) for g in plan.groups for c in g.continuations)
+    assert sum(float(b.target_loss_mask.sum()) for b in batches) == sum(
+        sum(g.loss_mask(k)) for g in plan.groups for k in range(len(g.continuations)))
+    assert max(int(b.target_seq_ids.max()) for b in batches) == plan.advantages.numel() - 1
+
+
+def test_mrt_rl_plan_every_boundary_and_terminate_branch_off(setup):
+    s = setup
+    plan = mrt_rl_plan(s["engine"], s["tok"], s["prompts"], s["answers"], grader=parity_grader, params=s["params"],
+                       termination_ids=s["term"], n=2, cut="every", train_terminate=False, old_traces=s["traces"])
+    check_groups_consistent(plan)
+    n_eps = [episode_trace(s["tok"], t).num_episodes for t in s["traces"]]
+    assert len(plan.groups) == sum(n_eps)
+    assert [j for _, j, _ in plan.details["cuts"]] == [j for n in n_eps for j in range(n)]
+    assert all(len(g.continuations) == 1 for g in plan.groups) and plan.advantages.numel() == len(plan.groups)
+    with pytest.raises(ValueError, match="n must be >= 2"):
+        mrt_rl_plan(s["engine"], s["tok"], s["prompts"], s["answers"], grader=parity_grader, params=s["params"],
+                    termination_ids=s["term"], n=1, old_traces=s["traces"])
+    with pytest.raises(ValueError, match="alpha"):
+        mrt_rl_plan(s["engine"], s["tok"], s["prompts"], s["answers"], grader=parity_grader, params=s["params"],
+                    termination_ids=s["term"], n=2, alpha=float("nan"), old_traces=s["traces"])
+
+
+def test_mrt_online_plan_per_episode_advantages(setup):
+    s = setup
+    responses = [[t, t[: len(t) // 2]] for t in s["traces"]]  # a full and a truncated trace per problem
+    plan = mrt_online_plan(s["engine"], s["tok"], s["prompts"], s["answers"], grader=parity_grader,
+                           params=s["params"], meta_params=s["params"], termination_ids=s["term"], n=2, k=2,
+                           alpha=0.5, responses=responses)
+    check_groups_consistent(plan)
+    assert plan.level == "episode"
+    all_eps = [e for g in plan.groups for k in range(len(g.continuations)) for e in g.episode_id(k)]
+    assert sorted(set(all_eps)) == list(range(plan.advantages.numel()))
+    outcome = torch.tensor(plan.details["outcome"]).view(2, 2)
+    seq_adv = (outcome - outcome.mean(1, keepdim=True)).flatten()
+    expected = torch.cat([seq_adv[i] + 0.5 * progress_from_J(J) for i, J in enumerate(plan.details["J"])])
+    torch.testing.assert_close(plan.advantages, expected)
+    for g, per in zip(plan.groups, responses):
+        assert g.continuations == per
+    assert plan.details["J"][0][0] in (0.0, 0.5, 1.0)
+
+
+def test_mrt_star_plan_cuts_after_the_best_episode(setup):
+    s = setup
+
+    def grader(response, answer):  # the true answer, or about half of the random ones
+        return grade(response, answer, kind="exact") or parity_grader(response, answer)
+
+    responses = [[t] for t in s["traces"]]
+    # No seed: fresh random streams per boundary (a seed gives common random numbers across boundaries,
+    # which a random model turns into the same J everywhere).
+    meta_params = SamplingParams(temperature=1.0, max_new_tokens=10)
+    examples, metrics = mrt_star_plan(s["engine"], s["tok"], s["prompts"], s["answers"], grader=grader,
+                                      params=s["params"], meta_params=meta_params, termination_ids=s["term"],
+                                      n=1, k=4, responses=responses)
+    assert metrics["star/kept"] == len(examples) >= 1
+    T = len(s["term"])
+    for ex in examples:
+        J = ex.J
+        best = ex.cut_episodes
+        assert J[best] == max(J[1:]) > J[0] and best == min(j for j in range(1, len(J)) if J[j] == J[best])
+        cut = episode_trace(s["tok"], s["traces"][ex.problem]).meta_boundaries()[best]
+        assert ex.response_ids[:cut] == s["traces"][ex.problem][:cut]
+        assert ex.response_ids[cut:cut + T] == s["term"]
+        assert ex.loss_mask == [1.0] * cut + [0.0] * T + [1.0] * (len(ex.response_ids) - cut - T)
+        assert grader(text_of(s["tok"], ex.response_ids[cut + T:]), s["answers"][ex.problem])
+        g = ex.to_prefix_group()
+        assert g.prefix == s["prompts"][ex.problem] and g.continuations == [ex.response_ids]

@@ -29,127 +29,218 @@ struct Finished {   // a closed interval, in post-order
   bool take;
 };
 
-// Copy the token lists into one flat int64 buffer. Returns false with a Python error set.
-bool read_sequences(PyObject* seqs, std::vector<int64_t>& tokens, std::vector<Py_ssize_t>& offsets) {
-  Py_ssize_t n = PySequence_Fast_GET_SIZE(seqs);
-  PyObject** items = PySequence_Fast_ITEMS(seqs);
-  offsets.assign(n + 1, 0);
-  for (Py_ssize_t i = 0; i < n; ++i) {
-    Py_ssize_t len = PyObject_Length(items[i]);
-    if (len < 0) {
-      PyErr_Format(PyExc_TypeError, "sequences[%zd] must be a list of token ids", i);
-      return false;
+constexpr int64_t kEnd = INT64_MIN;  // key past a sequence's end: sorts first, as Python's shorter-list-first
+
+// Value of a token object. Identity is checked by the callers first (tokens copied from one
+// prompt list share their int objects), so this runs only where objects differ.
+inline bool token_value(PyObject* obj, int64_t* out) {
+  // Fast path for the common case, a small exact int (every token id of a real vocabulary):
+  // read its single digit inline instead of calling into libpython.
+#if PY_VERSION_HEX >= 0x030C0000
+  if (PyLong_CheckExact(obj) && PyUnstable_Long_IsCompact(reinterpret_cast<PyLongObject*>(obj))) {
+    const Py_ssize_t v = PyUnstable_Long_CompactValue(reinterpret_cast<PyLongObject*>(obj));
+    if (v >= 0) {
+      *out = v;
+      return true;
     }
-    offsets[i + 1] = offsets[i] + len;
   }
-  tokens.resize(offsets[n]);
-  for (Py_ssize_t i = 0; i < n; ++i) {
-    PyObject* seq = PySequence_Fast(items[i], "sequences[i] must be a list of token ids");
-    if (seq == nullptr) return false;
-    Py_ssize_t len = PySequence_Fast_GET_SIZE(seq);
-    if (len != offsets[i + 1] - offsets[i]) {  // a sequence that changed length while we read it
-      Py_DECREF(seq);
-      PyErr_Format(PyExc_ValueError, "sequences[%zd] changed length while reading", i);
-      return false;
+#else
+  if (PyLong_CheckExact(obj)) {
+    const Py_ssize_t size = Py_SIZE(obj);
+    if (size == 0 || size == 1) {
+      *out = size ? static_cast<int64_t>(reinterpret_cast<PyLongObject*>(obj)->ob_digit[0]) : 0;
+      return true;
     }
-    PyObject** toks = PySequence_Fast_ITEMS(seq);
-    int64_t* out = tokens.data() + offsets[i];
-    for (Py_ssize_t j = 0; j < len; ++j) {
-      if (!PyLong_Check(toks[j])) {
-        Py_DECREF(seq);
-        PyErr_Format(PyExc_TypeError, "sequences[%zd][%zd] must be an int token id, got %s", i, j,
-                     Py_TYPE(toks[j])->tp_name);
-        return false;
-      }
-      long long v = PyLong_AsLongLong(toks[j]);
-      if (v == -1 && PyErr_Occurred()) {
-        Py_DECREF(seq);
-        PyErr_Format(PyExc_ValueError, "sequences[%zd][%zd] does not fit in a 64-bit token id", i, j);
-        return false;
-      }
-      out[j] = v;
-    }
-    Py_DECREF(seq);
   }
+#endif
+  if (!PyLong_Check(obj)) {
+    PyErr_Format(PyExc_TypeError, "token ids must be ints, got %s", Py_TYPE(obj)->tp_name);
+    return false;
+  }
+  long long v = PyLong_AsLongLong(obj);
+  if ((v == -1 && PyErr_Occurred()) || v < 0) {
+    PyErr_Clear();
+    PyErr_SetString(PyExc_ValueError, "token ids must be non-negative ints that fit in 64 bits");
+    return false;
+  }
+  *out = v;
   return true;
 }
+
+// Multikey quicksort (Bentley & Sedgewick) of sequence indices, straight on the Python lists'
+// item arrays. Each column is read once per partition step, so shared prefixes are walked about
+// once instead of once per comparison, and tokens past the distinguishing prefix are never read.
+// The LCP of sorted neighbours falls out of the partition boundaries. The order among equal
+// sequences differs from Python's stable sort, which the grouping does not depend on.
+struct PrefixSorter {
+  std::vector<PyObject**> items;
+  std::vector<int64_t> lens;
+  std::vector<Py_ssize_t> order;
+  std::vector<int64_t> lcp;  // lcp[k]: longest common prefix of order[k-1] and order[k]
+  bool failed = false;
+
+  bool key(Py_ssize_t seq, int64_t d, int64_t* out) {
+    if (d >= lens[seq]) {
+      *out = kEnd;
+      return true;
+    }
+    return token_value(items[seq][d], out);
+  }
+
+  // How many tokens from depth d on all sequences in [lo, hi) share. Walks each sequence along
+  // the first one (row-wise, cache-friendly), never further than the shortest agreement so far.
+  // Tokens copied from one prompt share int objects, so most checks are a pointer compare.
+  bool common_extension(Py_ssize_t lo, Py_ssize_t hi, int64_t d, int64_t* ext) {
+    const Py_ssize_t first = order[lo];
+    PyObject** a = items[first];
+    int64_t limit = lens[first];
+    for (Py_ssize_t k = lo + 1; k < hi && limit > d; ++k) {
+      const Py_ssize_t s = order[k];
+      PyObject** b = items[s];
+      int64_t j = d, stop = std::min(limit, lens[s]);
+      while (j < stop) {
+        if (a[j] != b[j]) {
+          int64_t va, vb;
+          if (!token_value(a[j], &va) || !token_value(b[j], &vb)) return false;
+          if (va != vb) break;
+        }
+        ++j;
+      }
+      limit = j;
+    }
+    *ext = limit - d;
+    return true;
+  }
+
+  void sort(Py_ssize_t lo, Py_ssize_t hi, int64_t d) {
+    std::vector<int64_t> keys;
+    while (hi - lo > 1 && !failed) {
+      int64_t ext = 0;
+      if (!common_extension(lo, hi, d, &ext)) {
+        failed = true;
+        return;
+      }
+      d += ext;  // all of [lo, hi) agree up to d; partition on token d (or its end)
+      keys.resize(hi - lo);
+      for (Py_ssize_t k = lo; k < hi; ++k)
+        if (!key(order[k], d, &keys[k - lo])) {
+          failed = true;
+          return;
+        }
+      // Median-of-three pivot, then a three-way (Dutch flag) partition of order and keys together.
+      int64_t a = keys[0], b = keys[(hi - lo) / 2], c = keys[hi - lo - 1];
+      const int64_t pivot = std::max(std::min(a, b), std::min(std::max(a, b), c));
+      Py_ssize_t lt = lo, i = lo, gt = hi;
+      while (i < gt) {
+        const int64_t v = keys[i - lo];
+        if (v < pivot) {
+          std::swap(order[lt], order[i]);
+          std::swap(keys[lt - lo], keys[i - lo]);
+          ++lt;
+          ++i;
+        } else if (v > pivot) {
+          --gt;
+          std::swap(order[gt], order[i]);
+          std::swap(keys[gt - lo], keys[i - lo]);
+        } else {
+          ++i;
+        }
+      }
+      // Neighbours across a partition boundary agree on d tokens and differ at token d.
+      if (lt > lo) {
+        sort(lo, lt, d);
+        lcp[lt] = d;
+      }
+      if (gt < hi) {
+        sort(gt, hi, d);
+        lcp[gt] = d;
+      }
+      if (pivot == kEnd) {  // the middle block is identical sequences of length d
+        for (Py_ssize_t k = lt + 1; k < gt; ++k) lcp[k] = d;
+        return;
+      }
+      lo = lt;
+      hi = gt;
+      ++d;
+    }
+  }
+};
 
 PyObject* group_by_prefix(PyObject*, PyObject* arg) {
   PyObject* seqs = PySequence_Fast(arg, "sequences must be a list of token lists");
   if (seqs == nullptr) return nullptr;
-  std::vector<int64_t> tokens;
-  std::vector<Py_ssize_t> offsets;
-  if (!read_sequences(seqs, tokens, offsets)) {
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(seqs);
+  PyObject** outer = PySequence_Fast_ITEMS(seqs);
+  PrefixSorter sorter;
+  sorter.items.resize(n);
+  sorter.lens.resize(n);
+  std::vector<PyObject*> inner(n, nullptr);  // owned references (lists are borrowed as is)
+  auto release = [&]() {
+    for (PyObject* o : inner) Py_XDECREF(o);
     Py_DECREF(seqs);
-    return nullptr;
+  };
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    inner[i] = PySequence_Fast(outer[i], "each sequence must be a list of token ids");
+    if (inner[i] == nullptr) {
+      release();
+      return nullptr;
+    }
+    sorter.items[i] = PySequence_Fast_ITEMS(inner[i]);
+    sorter.lens[i] = PySequence_Fast_GET_SIZE(inner[i]);
   }
-  Py_DECREF(seqs);
-  const Py_ssize_t n = static_cast<Py_ssize_t>(offsets.size()) - 1;
-  auto begin = [&](Py_ssize_t i) { return tokens.data() + offsets[i]; };
-  auto end = [&](Py_ssize_t i) { return tokens.data() + offsets[i + 1]; };
-  auto length = [&](Py_ssize_t i) { return static_cast<int64_t>(offsets[i + 1] - offsets[i]); };
+  sorter.order.resize(n);
+  std::iota(sorter.order.begin(), sorter.order.end(), 0);
+  sorter.lcp.assign(n, 0);
+  sorter.sort(0, n, 0);
+  release();  // nothing below touches the token objects
+  if (sorter.failed) return nullptr;
+  const std::vector<Py_ssize_t>& order = sorter.order;
+  const std::vector<int64_t>& lcp = sorter.lcp;
+  const std::vector<int64_t>& lens = sorter.lens;
+  auto length = [&](Py_ssize_t i) { return lens[i]; };
 
-  std::vector<Py_ssize_t> order(n);
-  std::vector<int64_t> lcp(n, 0);
+  // LCP-interval sweep and top-down choice, exactly as in the Python reference.
   std::vector<Finished> finished;
-  {
-    // The sort and sweep touch no Python objects: release the GIL.
-    Py_BEGIN_ALLOW_THREADS
-    std::iota(order.begin(), order.end(), 0);
-    // Stable lexicographic sort, as Python's sorted() on lists (equal sequences keep input order).
-    std::stable_sort(order.begin(), order.end(), [&](Py_ssize_t a, Py_ssize_t b) {
-      return std::lexicographical_compare(begin(a), end(a), begin(b), end(b));
-    });
-    for (Py_ssize_t i = 1; i < n; ++i) {
-      const int64_t *a = begin(order[i - 1]), *b = begin(order[i]);
-      int64_t limit = std::min(length(order[i - 1]), length(order[i])), j = 0;
-      while (j < limit && a[j] == b[j]) ++j;
-      lcp[i] = j;
-    }
-
-    std::vector<Interval> stack;
-    stack.push_back({0, 0, n ? length(order[0]) : 0, 0});
-    auto finish = [&](const Interval& node, Py_ssize_t right) {
-      int64_t shared = std::min(node.depth, node.min_len - 1);
-      int64_t take_value = static_cast<int64_t>(right - node.left) * shared;
-      finished.push_back({node.left, right, shared, shared > 0 && take_value >= node.children_best});
-      return std::max(take_value, node.children_best);
-    };
-    for (Py_ssize_t i = 1; i <= n; ++i) {
-      int64_t h = i < n ? lcp[i] : 0;
-      Py_ssize_t left = i - 1;
-      bool has_popped = false;
-      int64_t popped_best = 0, popped_min = 0;
-      while (h < stack.back().depth) {
-        Interval node = stack.back();
-        stack.pop_back();
-        int64_t best = finish(node, i - 1);
-        left = node.left;
-        if (h <= stack.back().depth) {
-          stack.back().children_best += best;
-          stack.back().min_len = std::min(stack.back().min_len, node.min_len);
-          has_popped = false;
-        } else {
-          has_popped = true;
-          popped_best = best;
-          popped_min = node.min_len;
-        }
+  std::vector<Interval> stack;
+  stack.push_back({0, 0, n ? length(order[0]) : 0, 0});
+  auto finish = [&](const Interval& node, Py_ssize_t right) {
+    int64_t shared = std::min(node.depth, node.min_len - 1);
+    int64_t take_value = static_cast<int64_t>(right - node.left) * shared;
+    finished.push_back({node.left, right, shared, shared > 0 && take_value >= node.children_best});
+    return std::max(take_value, node.children_best);
+  };
+  for (Py_ssize_t i = 1; i <= n; ++i) {
+    int64_t h = i < n ? lcp[i] : 0;
+    Py_ssize_t left = i - 1;
+    bool has_popped = false;
+    int64_t popped_best = 0, popped_min = 0;
+    while (h < stack.back().depth) {
+      Interval node = stack.back();
+      stack.pop_back();
+      int64_t best = finish(node, i - 1);
+      left = node.left;
+      if (h <= stack.back().depth) {
+        stack.back().children_best += best;
+        stack.back().min_len = std::min(stack.back().min_len, node.min_len);
+        has_popped = false;
+      } else {
+        has_popped = true;
+        popped_best = best;
+        popped_min = node.min_len;
       }
-      if (h > stack.back().depth) {
-        int64_t min_len = length(order[i - 1]);
-        int64_t children_best = 0;
-        if (has_popped) {
-          children_best = popped_best;
-          min_len = std::min(min_len, popped_min);
-        }
-        stack.push_back({h, left, min_len, children_best});
-      }
-      if (i < n) stack.back().min_len = std::min(stack.back().min_len, length(order[i]));
     }
-    Py_END_ALLOW_THREADS
+    if (h > stack.back().depth) {
+      int64_t min_len = length(order[i - 1]);
+      int64_t children_best = 0;
+      if (has_popped) {
+        children_best = popped_best;
+        min_len = std::min(min_len, popped_min);
+      }
+      stack.push_back({h, left, min_len, children_best});
+    }
+    if (i < n) stack.back().min_len = std::min(stack.back().min_len, length(order[i]));
   }
 
-  // Top-down selection (ancestors before descendants), then leftover singletons.
   std::vector<char> covered(n, 0);
   std::vector<std::pair<int64_t, std::vector<Py_ssize_t>>> groups;
   for (auto it = finished.rbegin(); it != finished.rend(); ++it) {
@@ -161,8 +252,7 @@ PyObject* group_by_prefix(PyObject*, PyObject* arg) {
   }
   for (Py_ssize_t i = 0; i < n; ++i)
     if (!covered[i]) groups.push_back({0, {order[i]}});
-  std::stable_sort(groups.begin(), groups.end(),
-                   [](const auto& a, const auto& b) { return a.second[0] < b.second[0]; });
+  std::sort(groups.begin(), groups.end(), [](const auto& a, const auto& b) { return a.second[0] < b.second[0]; });
 
   PyObject* result = PyList_New(static_cast<Py_ssize_t>(groups.size()));
   if (result == nullptr) return nullptr;

@@ -22,7 +22,7 @@ from typing import Any, Optional, Union
 
 import yaml
 
-ALGORITHMS = ("sft", "grpo", "mrt-rl", "mrt-star")
+ALGORITHMS = ("sft", "grpo", "mrt-rl", "mrt-star", "mrt-online")
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 SCHEDULERS = ("cosine", "constant")
@@ -80,7 +80,7 @@ class RolloutConfig:
 class AlgoConfig:
     """The training algorithm and its loss."""
 
-    name: str = "mrt-rl"  # sft | grpo | mrt-rl | mrt-star
+    name: str = "mrt-rl"  # sft | grpo | mrt-rl | mrt-star | mrt-online (per-episode dense progress)
     alpha: float = 1.0  # weight of the progress bonus (MRT); 0 with the group baseline is GRPO
     beta: float = 0.0  # KL penalty to the reference model (paper/TRL: 0.04; needs model.reference_model)
     kl_estimator: str = "k3"
@@ -139,6 +139,7 @@ class EvalConfig:
 class LogConfig:
     tensorboard: bool = True  # also write TensorBoard events when tensorboard is installed
     progress_bar: bool = True
+    check_weights: bool = False  # after every step, verify all ranks' rollout weights are bit-identical
 
 
 @dataclass

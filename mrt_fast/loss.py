@@ -46,6 +46,9 @@ __all__ = [
     "KL_ESTIMATORS",
     "LOSS_AGGS",
     "MRTPolicyLoss",
+    "TRLChunkedLogProbs",
+    "linear_cross_entropy",
+    "policy_loss_from_logprobs",
     "fused_policy_loss",
     "logprobs_from_logits",
     "policy_loss_from_logits",
@@ -128,6 +131,19 @@ def _check_linear(hidden, weight, bias) -> tuple[int, int, int]:
     return hidden.shape[0], hidden.shape[1], weight.shape[0]
 
 
+def _autocast(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """Under ``torch.autocast`` cast hidden/weight/bias to the autocast dtype, as ``nn.Linear`` would.
+
+    (fp32 master weights with bf16 activations is the usual mixed-precision set-up; the cast is
+    differentiable, so gradients still reach the fp32 weight.)
+    """
+    first = tensors[0]
+    if not isinstance(first, torch.Tensor) or not torch.is_autocast_enabled(first.device.type):
+        return list(tensors)
+    dtype = torch.get_autocast_dtype(first.device.type)
+    return [t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors]
+
+
 def _check_temperature(temperature: float) -> float:
     if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0:
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
@@ -165,6 +181,7 @@ def token_logprobs(
         ``(logprobs, entropy)``. Differentiable w.r.t. hidden, weight and bias; ``[N, V]`` is never
         materialised (Triton: not even per block; PyTorch: one ``[chunk, V]`` block at a time).
     """
+    hidden, weight, bias = _autocast(hidden, weight, bias)
     n, _, vocab = _check_linear(hidden, weight, bias)
     _check_same_device(hidden.device, targets=targets)
     targets = _check_targets(targets, n, vocab)
@@ -195,6 +212,43 @@ def logprobs_from_logits(
     logp, entropy = LogitsLogprobs.apply(logits.reshape(-1, vocab), flat_targets, temperature, None)
     logp, entropy = logp.view(targets.shape), entropy.view(targets.shape)
     return (logp, entropy) if return_entropy else logp
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
+    reduction: str = "none",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """verl's ``linear_cross_entropy(hidden, weight, labels, temperature, reduction)`` contract.
+
+    ``hidden [..., H]`` and ``labels [...]`` -> ``(log_probs [...], entropy [...])`` fp32, the
+    drop-in for ``verl.utils.kernel.linear_cross_entropy.linear_cross_entropy`` (see docs/loss.md).
+    Only ``reduction="none"`` is supported (what verl's actor uses).
+    """
+    if reduction != "none":
+        raise ValueError(f"reduction must be 'none' (per-token log-probs), got {reduction!r}")
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() < 2:
+        raise ValueError("hidden must be a tensor of shape [..., H]")
+    if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"labels must have shape {tuple(hidden.shape[:-1])} (hidden without H)")
+    logp, entropy = token_logprobs(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1),
+                                   temperature=temperature, return_entropy=True)
+    return logp.view(labels.shape), entropy.view(labels.shape)
+
+
+class TRLChunkedLogProbs:
+    """Stand-in for TRL's ``trl.trainer.utils._ChunkedLogProbFunction`` (same ``apply`` signature).
+
+    ``logit_scale`` (Cohere) folds into the temperature; ``chunk_size`` is TRL's and is ignored
+    (our kernels pick their own blocks); ``final_logit_softcapping`` is not supported.
+    """
+
+    @staticmethod
+    def apply(last_hidden, weight, targets, temperature, chunk_size=None, final_logit_softcapping=None,
+              logit_scale=1.0):
+        if final_logit_softcapping is not None:
+            raise ValueError("final_logit_softcapping is not supported by mrt_fast's kernels; keep TRL's function")
+        return token_logprobs(last_hidden, weight, targets, temperature=float(temperature) / float(logit_scale),
+                              return_entropy=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -338,6 +392,7 @@ def fused_policy_loss(
         ``clip_ratio/region``, ``entropy``, plus ``kl`` with ``ref_logprobs`` and
         ``clip_ratio/dual`` with ``dual_clip`` (token means over ``loss_mask``).
     """
+    hidden, weight, bias = _autocast(hidden, weight, bias)
     n, _, vocab = _check_linear(hidden, weight, bias)
     _check_same_device(hidden.device, targets=targets, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs)
     targets = _check_targets(targets, n, vocab)

@@ -16,7 +16,7 @@ from typing import Any, Iterator, Mapping, Optional
 
 import torch
 
-from mrt_fast.distributed import all_reduce_sum
+from mrt_fast.distributed import all_gather_objects, all_reduce_sum
 
 # Peak dense bf16 throughput, for MFU. Matched against torch.cuda.get_device_name().
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
@@ -70,16 +70,19 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def reduce_mean(metrics: Mapping[str, float], weights: Optional[Mapping[str, float]] = None) -> dict[str, float]:
-    """Weighted mean of scalar metrics over ranks (one all-reduce for the whole dict).
+    """Weighted mean of scalar metrics over ranks.
 
     ``weights[k]`` is this rank's weight for ``metrics[k]`` (default 1; e.g. its token count), so a
-    rank with no tokens contributes nothing instead of a zero.
+    rank with no tokens contributes nothing instead of a zero. Ranks may hold different keys (a
+    rank whose micro-batches were all padding has no loss): the union is reduced, and every rank
+    takes part in the same collectives whatever it holds.
     """
-    keys = sorted(metrics)
+    keys = sorted({k for part in all_gather_objects(sorted(metrics)) for k in part})
     if not keys:
         return {}
-    w = torch.tensor([float((weights or {}).get(k, 1.0)) for k in keys], dtype=torch.float64)
-    v = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
+    w = torch.tensor([float((weights or {}).get(k, 1.0)) if k in metrics else 0.0 for k in keys],
+                     dtype=torch.float64)
+    v = torch.tensor([float(metrics[k]) if k in metrics else 0.0 for k in keys], dtype=torch.float64)
     total = all_reduce_sum(torch.cat([v * w, w]))
     sums, wsum = total[: len(keys)], total[len(keys):]
     return {k: (s / n).item() if n > 0 else float("nan") for k, s, n in zip(keys, sums, wsum)}

@@ -512,6 +512,26 @@ def sync_engine(engine: Any, actor: Actor) -> None:
     engine.update_weights({k.removeprefix("policy."): v for k, v in state.items()})
 
 
+def weights_digest(model: nn.Module) -> str:
+    """SHA-256 of a module's parameters and buffers (names, dtypes and raw bytes)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def check_rank_consistency(model: nn.Module, step: int) -> str:
+    """Every rank's copy of the weights must be bit-identical after a step; returns the digest."""
+    digests = all_gather_objects(weights_digest(model))
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"ranks hold different weights after step {step}: {digests}")
+    return digests[0]
+
+
 # ============================================================================================
 # 4. Evaluation: greedy (or sampled) answers to held-out problems
 # ============================================================================================
@@ -601,7 +621,7 @@ def run(cfg: RunConfig, *, export_only: bool = False) -> dict[str, Any]:
     grader = grader_for(cfg)
     resume_from = checkpoint.resolve_resume(run_dir, cfg.resume)
     if resume_from is not None:  # incompatible checkpoints fail here, before any compute
-        checkpoint.check_compatible(resume_from, model)
+        checkpoint.check_compatible(resume_from, Actor(model))  # names as the sharded actor has them
 
     rollout_model = copy.deepcopy(model).to(env.device, compute_dtype(cfg.model.dtype, env.device)).eval()
     reference = None
@@ -647,12 +667,17 @@ def run(cfg: RunConfig, *, export_only: bool = False) -> dict[str, Any]:
             plan, rollout_metrics = gather_plan(plan)
             with timer("update_actor"):
                 actor.train()
-                update_metrics = update(actor, optimizer, plan, cfg, env, reference)
+                if plan.groups:
+                    update_metrics = update(actor, optimizer, plan, cfg, env, reference)
+                else:  # e.g. MRT-STaR kept no trace this step: nothing to train on
+                    update_metrics = {"actor/grad_norm": 0.0, "perf/total_num_tokens": 0.0,
+                                      "perf/packed_num_tokens": 0.0, "train/empty_step": 1.0}
                 lr = scheduler.get_last_lr()[0]
                 scheduler.step()
             with timer("sync_weights"):
                 sync_engine(engine, actor)
             step += 1
+            digest = check_rank_consistency(rollout_model, step) if cfg.log.check_weights else None
             elapsed = time.perf_counter() - t0
             metrics = {**rollout_metrics, **update_metrics, "actor/lr": lr, **timer.pop()}
             tokens = metrics["perf/total_num_tokens"]
@@ -663,6 +688,8 @@ def run(cfg: RunConfig, *, export_only: bool = False) -> dict[str, Any]:
                        _flops_per_token(rollout_model, n_params, packed / max(1, len(plan.groups))))
             if util is not None:
                 metrics["perf/mfu"] = util
+            if digest is not None:
+                metrics["debug/weights_sha256"] = digest
             mem = max_memory_allocated_gb(env.device)
             if mem is not None:
                 metrics["perf/max_memory_allocated_gb"] = mem

@@ -35,7 +35,7 @@ def test_yaml_then_cli_overrides_with_types(tmp_path):
     (["--nope", "1"], ValueError, r"unknown config key 'nope'; valid keys: model.path"),
     (["--train.steps", "1.5"], TypeError, r"train.steps expects int, got 1.5"),
     (["--log.tensorboard", "maybe"], TypeError, r"log.tensorboard expects bool"),
-    (["--algo.name", "ppo"], ValueError, r"algo.name must be one of \['sft', 'grpo', 'mrt-rl', 'mrt-star'\]"),
+    (["--algo.name", "ppo"], ValueError, r"algo.name must be one of \['sft', 'grpo', 'mrt-rl', 'mrt-star', 'mrt-online'\]"),
     (["--algo.loss_agg", "sum"], ValueError, r"algo.loss_agg must be one of"),
     (["--train.global_batch_size", "6", "--train.mini_batch_size", "4"], ValueError, r"multiple of"),
     (["--algo.beta", "0.04"], ValueError, r"model.reference_model"),

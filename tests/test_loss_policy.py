@@ -238,3 +238,15 @@ def test_never_materialises_n_by_v(backend):
         logp = token_logprobs(hidden, weight, b["targets"], chunk_size=8)
         logp.sum().backward()
     assert probe.max_numel < 40 * 64, probe.max_numel
+
+
+def test_autocast_casts_fp32_master_weight_like_linear():
+    b = make_batch(seed=15)
+    weight = b["weight"].clone().requires_grad_()
+    hidden = b["hidden"].to(torch.bfloat16).requires_grad_()
+    with use_backend("torch"), torch.autocast(DEVICE, dtype=torch.bfloat16):
+        loss, _ = fused_policy_loss(hidden, weight, b["targets"], b["adv"]["token"])
+    loss.backward()
+    assert weight.grad is not None and weight.grad.dtype == torch.float32
+    with pytest.raises(ValueError, match="weight must have the dtype of hidden"):
+        fused_policy_loss(hidden, weight, b["targets"], b["adv"]["token"])  # outside autocast: no silent cast

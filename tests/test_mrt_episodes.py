@@ -1,11 +1,14 @@
 """Episode splitting against hand-made R1-style traces, and the episode -> token mapping."""
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from mrt_fast.mrt.episodes import (
     episode_token_boundaries,
+    make_splitter,
     response_episodes,
     split_episodes,
     thinking_span,
@@ -82,6 +85,13 @@ def test_group_size_merges_consecutive_episodes():
     assert split_episodes(text, group_size=2) == [(base[0][0], base[1][1]), (base[2][0], base[3][1])]
     assert split_episodes(text, group_size=3) == [(base[0][0], base[2][1]), (base[3][0], base[3][1])]
     assert split_episodes(text, group_size=10) == [(0, len(text))]
+
+
+def test_make_splitter_binds_and_checks_settings():
+    text = paragraphs("a", "b", "c", "Wait 1", "x", "y", "Wait 2", "x", "y", "Wait 3")
+    assert make_splitter(group_size=2, max_episodes=2)(text) == split_episodes(text, group_size=2, max_episodes=2)
+    with pytest.raises(ValueError, match="min_gap"):
+        make_splitter(min_gap=-1)
 
 
 def test_custom_cues_and_triple_newlines_follow_str_split():
@@ -190,3 +200,36 @@ def test_decode_with_offsets_on_byte_fallback_tokens(byte_tokens, expected_offse
     ids = [tok.get_vocab()[t] for t in byte_tokens]
     text, offsets = decode_with_offsets(tok, ids)
     assert text == tok.decode(ids) and offsets == expected_offsets
+
+
+def reference_episode_texts(text, cues, min_gap, max_episodes, group_size):
+    """The authors' list-of-paragraphs formulation, written independently: episode texts (with their
+    trailing separators, so they concatenate back to the text)."""
+    paras = text.split("\n\n")
+    cuts = [0]
+    for i, p in enumerate(paras):
+        if len(cuts) - 1 == max_episodes:
+            break
+        if any(p.startswith(c) for c in cues) and i - cuts[-1] > min_gap:
+            cuts.append(i)
+    cuts = cuts[::group_size] + [len(paras)]
+    episodes = ["\n\n".join(paras[a:b]) for a, b in zip(cuts[:-1], cuts[1:])]
+    return [e + "\n\n" for e in episodes[:-1]] + episodes[-1:]
+
+
+PARAGRAPH = st.sampled_from(["Wait.", "Waiting", "But wait, no", "x", "", "\nWait", "Alternatively y", "z w"])
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    paras=st.lists(PARAGRAPH, min_size=1, max_size=14),
+    min_gap=st.integers(0, 3),
+    max_episodes=st.integers(0, 5),
+    group_size=st.integers(1, 3),
+)
+def test_split_matches_the_paragraph_list_reference(paras, min_gap, max_episodes, group_size):
+    text = "\n\n".join(paras)
+    spans = split_episodes(text, min_gap=min_gap, max_episodes=max_episodes, group_size=group_size)
+    assert pieces(text, spans) == reference_episode_texts(
+        text, ("Wait", "But wait", "Alternatively"), min_gap, max_episodes, group_size
+    )

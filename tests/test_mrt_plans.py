@@ -198,3 +198,30 @@ def test_mrt_star_plan_cuts_after_the_best_episode(setup):
         assert grader(text_of(s["tok"], ex.response_ids[cut + T:]), s["answers"][ex.problem])
         g = ex.to_prefix_group()
         assert g.prefix == s["prompts"][ex.problem] and g.continuations == [ex.response_ids]
+
+
+def test_plan_advantages_feed_the_fused_loss(setup):
+    """Per-sequence (MRT-RL) and per-episode (MRT-online) advantages drive fused_policy_loss on packed
+    batches; on-policy (ratio 1) token-mean loss is minus the mean advantage over trained tokens."""
+    from mrt_fast.loss import fused_policy_loss
+    from mrt_fast.packing import packed_hidden
+
+    s = setup
+    model = s["model"]
+    rl = mrt_rl_plan(s["engine"], s["tok"], s["prompts"], s["answers"], grader=parity_grader, params=s["params"],
+                     termination_ids=s["term"], n=2, alpha=1.0, old_traces=s["traces"], rng=random.Random(1))
+    online = mrt_online_plan(s["engine"], s["tok"], s["prompts"], s["answers"], grader=parity_grader,
+                             params=s["params"], meta_params=s["params"], termination_ids=s["term"], n=1, k=2,
+                             responses=[[t] for t in s["traces"]])
+    for plan, key in ((rl, "seq_ids"), (online, "episode_ids")):
+        (batch,) = pack(plan.groups)
+        ids = batch.target_seq_ids if key == "seq_ids" else batch.target_episode_ids
+        hidden = packed_hidden(model, batch)
+        loss, _ = fused_policy_loss(hidden, model.lm_head.weight, batch.targets, plan.advantages,
+                                    loss_mask=batch.target_loss_mask, **{key: ids})
+        mask = batch.target_loss_mask
+        expected = -(plan.advantages[ids] * mask).sum() / mask.sum()
+        torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+        loss.backward()
+        assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+        model.zero_grad()

@@ -228,3 +228,48 @@ def test_group_longer_than_max_positions_refused():
 def test_batch_type_checked():
     with pytest.raises(TypeError, match="PackedBatch"):
         packed_hidden(make_model("llama"), [1, 2, 3])
+
+
+# --- the trainer's call ------------------------------------------------------------------------
+
+
+def separate_hidden(model, groups, batch) -> torch.Tensor:
+    """Reference hidden states for `batch.targets`, each from its own prefix + continuation."""
+    rows = []
+    for g, k in batch.sequence_keys:
+        group = groups[g]
+        seq = torch.tensor(group.prefix + group.continuations[k])[None]
+        hidden = model.base_model(input_ids=seq).last_hidden_state[0]
+        first = len(group.prefix) if group.prefix else 1
+        rows.append(hidden[first - 1 : seq.shape[1] - 1])
+    return torch.cat(rows)
+
+
+def test_fused_policy_loss_on_packed_batch_equals_separate():
+    from mrt_fast.loss import fused_policy_loss
+
+    model = make_model("qwen3")
+    groups = make_groups(seed=6)
+    (batch,) = pack(groups)
+    adv = torch.randn(len(batch.seq_ids), dtype=torch.float64)
+    head = model.get_output_embeddings().weight
+    results = []
+    for hidden_fn in (lambda: packed_hidden(model, batch, backend="sdpa"), lambda: separate_hidden(model, groups, batch)):
+        model.zero_grad()
+        loss, _ = fused_policy_loss(hidden_fn(), head, batch.targets, adv, seq_ids=batch.target_seq_ids,
+                                    loss_mask=batch.target_loss_mask, loss_agg="seq-mean-token-mean")
+        loss.backward()
+        results.append((loss.detach(), grads(model)))
+    (loss_packed, g_packed), (loss_ref, g_ref) = results
+    torch.testing.assert_close(loss_packed, loss_ref, rtol=1e-10, atol=1e-12)
+    for name in g_ref:
+        torch.testing.assert_close(g_packed[name], g_ref[name], rtol=1e-8, atol=1e-10, msg=lambda m: f"{name}: {m}")
+
+    # A padding micro-batch (rank balancing filler) runs the same compute and adds no gradient.
+    model.zero_grad()
+    padding = batch.as_padding()
+    loss, _ = fused_policy_loss(packed_hidden(model, padding, backend="sdpa"), head, padding.targets, adv,
+                                seq_ids=padding.target_seq_ids, loss_mask=padding.target_loss_mask)
+    loss.backward()
+    assert float(loss) == 0.0
+    assert all(float(p.grad.abs().max()) == 0.0 for p in model.parameters() if p.grad is not None)

@@ -76,6 +76,31 @@ def test_native_equals_reference(sequences):
     assert pf._native.group_by_prefix(sequences) == group_by_prefix_reference(sequences)
 
 
+def fresh_large_tokens(sequences):
+    """Same structure with ids outside CPython's small-int cache (distinct objects of equal value),
+    some past 2**30 (multi-digit ints), so the native value comparisons run, not just identity."""
+    alphabet = [300, 70_000, 2**40, 2**40 + 1]
+    return [[int(str(alphabet[t % 4])) for t in s] for s in sequences]
+
+
+@needs_native
+@settings(max_examples=150, deadline=None)
+@given(st.one_of(sequence_sets, grouped_sequences()))
+def test_native_equals_reference_on_distinct_int_objects(sequences):
+    sequences = fresh_large_tokens(sequences)
+    assert pf._native.group_by_prefix(sequences) == group_by_prefix_reference(sequences)
+
+
+@needs_native
+def test_native_rejects_bad_tokens():
+    with pytest.raises(TypeError, match="token ids must be ints"):
+        pf._native.group_by_prefix([[1, "a"], [1, "b"]])
+    with pytest.raises(ValueError, match="non-negative"):
+        pf._native.group_by_prefix([[1, -5], [1, 2]])
+    with pytest.raises(TypeError):
+        pf._native.group_by_prefix([[1], 5])
+
+
 @needs_native
 def test_native_equals_reference_large_random():
     rng = random.Random(0)
@@ -120,6 +145,23 @@ def test_python_fallback_when_native_missing(monkeypatch):
     monkeypatch.setattr(pf, "_native", None)
     assert pf.prefix_finder_backend() == "python" and not pf.native_available()
     assert [(g.prefix, g.continuations) for g in find_shared_prefixes(seqs)] == expected
+
+
+def test_import_without_extension_falls_back(monkeypatch):
+    """The package imports and works when mrt_fast._native cannot be imported at all."""
+    import importlib
+    import sys
+
+    seqs = [[1, 2, 3], [1, 2, 4], [5]]
+    expected = group_by_prefix_reference(seqs)
+    monkeypatch.setitem(sys.modules, "mrt_fast._native", None)  # makes the import raise ImportError
+    try:
+        importlib.reload(pf)
+        assert pf.prefix_finder_backend() == "python"
+        assert pf.group_by_prefix(seqs) == expected
+    finally:
+        monkeypatch.undo()
+        importlib.reload(pf)
 
 
 def test_bad_input():

@@ -5,7 +5,13 @@ import pytest
 import torch
 
 from mrt_fast.rollout import HFEngine, SamplingParams, branch_at_boundaries
-from mrt_fast.rollout.testing import tiny_causal_lm
+from mrt_fast.rollout.testing import tiny_causal_lm, torch_threads
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    with torch_threads(1):  # tiny models on a shared CPU: see mrt_fast.rollout.testing.torch_threads
+        yield
 
 TRACES = [list(range(3, 45)), list(range(50, 71)), [7, 8, 9]]
 BOUNDARIES = [[0, 5, 42, 20, 20], [3, 21], [1]]

@@ -7,7 +7,13 @@ import pytest
 import torch
 
 from mrt_fast.rollout import Completion, HFEngine, SamplingParams, make_engine
-from mrt_fast.rollout.testing import tiny_causal_lm, tiny_tokenizer
+from mrt_fast.rollout.testing import tiny_causal_lm, tiny_tokenizer, torch_threads
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    with torch_threads(1):  # tiny models on a shared CPU: see mrt_fast.rollout.testing.torch_threads
+        yield
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 VLLM_SKIP = (

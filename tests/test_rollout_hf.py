@@ -6,7 +6,13 @@ import torch
 
 from mrt_fast.loss import token_logprobs
 from mrt_fast.rollout import HFEngine, SamplingParams
-from mrt_fast.rollout.testing import tiny_causal_lm, tiny_tokenizer
+from mrt_fast.rollout.testing import tiny_causal_lm, tiny_tokenizer, torch_threads
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    with torch_threads(1):  # tiny models on a shared CPU: see mrt_fast.rollout.testing.torch_threads
+        yield
 
 KINDS = ["qwen2", "llama"]
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [14, 15], [20, 21, 22, 23, 24]]

@@ -7,7 +7,13 @@ import torch
 from mrt_fast.rollout import SamplingParams
 from mrt_fast.rollout.sampling import sample_next, uniform_streams
 from mrt_fast.rollout.stopping import StopStrings
-from mrt_fast.rollout.testing import tiny_tokenizer
+from mrt_fast.rollout.testing import tiny_tokenizer, torch_threads
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    with torch_threads(1):  # tiny models on a shared CPU: see mrt_fast.rollout.testing.torch_threads
+        yield
 
 
 @pytest.mark.parametrize(

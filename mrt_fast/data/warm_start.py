@@ -199,6 +199,8 @@ def main(argv: list[str] | None = None) -> dict:
                  "eval_every", "warmup_steps"):
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
     parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--model-overrides", type=json.loads, default=None,
+                        help='JSON object of Qwen2Config fields, e.g. \'{"num_hidden_layers": 2}\'')
     args = parser.parse_args(argv)
     cfg = WarmStartConfig(**{k: v for k, v in vars(args).items() if k != "out"})
     model, tokenizer, history = train(cfg)

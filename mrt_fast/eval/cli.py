@@ -21,6 +21,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from mrt_fast.mrt.episodes import DEFAULT_MAX_EPISODES, DEFAULT_MIN_GAP
+
 EMBEDDED = "embedded"
 EMBEDDED_EVAL_SEED = 10_000  # disjoint from the training problem streams
 
@@ -55,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budgets", type=_int_list, default=None, help="token budgets for normalised regret")
     p.add_argument("--forcing-budget", type=int, default=0, help="budget forcing up to this many tokens (0: off)")
     p.add_argument("--forcing-step", type=int, default=64)
+    p.add_argument("--episode-min-gap", type=int, default=DEFAULT_MIN_GAP, help="paragraphs a cue must be past the previous cut")
+    p.add_argument("--episode-max-episodes", type=int, default=DEFAULT_MAX_EPISODES, help="cuts before the rest is one episode")
+    p.add_argument("--episode-group-size", type=int, default=1, help="consecutive episodes merged into one")
     p.add_argument("--batch-size", type=int, default=8, help="problems sampled together")
     p.add_argument("--engine", choices=("hf", "vllm"), default="hf")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
@@ -177,6 +182,7 @@ def run(args: argparse.Namespace) -> dict:
     from mrt_fast.data import extract_boxed, grade
     from mrt_fast.eval.plots import write_plots
     from mrt_fast.eval.runner import EvalSettings, evaluate
+    from mrt_fast.mrt.episodes import make_splitter
     from mrt_fast.mrt.progress import termination_token_ids
     from mrt_fast.rollout import SamplingParams, make_engine
 
@@ -205,6 +211,8 @@ def run(args: argparse.Namespace) -> dict:
         ),
         n=args.n, ks=ks, meta_k=args.meta_k, regret_samples=args.regret_samples, budgets=budgets,
         forcing_budget=args.forcing_budget, forcing_step=args.forcing_step, batch_size=args.batch_size,
+        splitter=make_splitter(min_gap=args.episode_min_gap, max_episodes=args.episode_max_episodes,
+                               group_size=args.episode_group_size),
     )
 
     def grader(response: str, answer: str) -> bool:

@@ -16,7 +16,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
 
 from mrt_fast.data.chat import PARAGRAPH_SEP, THINK_END
@@ -42,7 +42,7 @@ class EvalSettings:
     forcing_step: int = 64
     grid_points: int = 65
     batch_size: int = 8
-    extra: dict = field(default_factory=dict)
+    splitter: Any = None  # episode splitter (default: mrt_fast.mrt.episodes.split_episodes)
 
     def __post_init__(self) -> None:
         check_k(self.n, "n")
@@ -166,7 +166,7 @@ def evaluate(
                 "maj@k": {str(k): maj_at_k(extracted, correct, k) for k in s.ks},
             })
             for c in per[: s.regret_samples]:
-                tr = episode_trace(tokenizer, c.token_ids)
+                tr = episode_trace(tokenizer, c.token_ids, s.splitter)
                 bounds = tr.meta_boundaries()
                 meta_inputs.append((i, tr.token_ids, bounds, len(bounds)))
                 if s.forcing_budget:

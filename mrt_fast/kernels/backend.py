@@ -88,3 +88,9 @@ def resolve_backend(device: torch.device) -> str:
                 "is imported; use the 'torch' backend for CPU training"
             )
     return name
+
+
+def interpreter_block_sizes() -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_V, BLOCK_H) under the interpreter: small, so odd test shapes span several
+    tiles (16 is the smallest legal ``tl.dot`` tile). ``MRT_FAST_INTERPRET_BLOCKS="16,32,16"`` overrides."""
+    return tuple(int(x) for x in os.environ.get("MRT_FAST_INTERPRET_BLOCKS", "16,32,16").split(","))

@@ -12,21 +12,45 @@ Both compute ``logp_t = z_t - logsumexp(z)`` and ``H = -sum_j p_j log p_j`` with
 
 from __future__ import annotations
 
-import os
 
 import torch
 
 from .chunking import chunk_rows
 
 
-def dlogits_from_grads(z, lse, entropy, targets, grad_logp, grad_entropy, inv_temp: float) -> torch.Tensor:
-    """d loss / d raw logits of a ``[chunk, V]`` block (see ``_dlogits_tile`` for the derivation)."""
+def block_stats(z: torch.Tensor, targets: torch.Tensor):
+    """Per-row statistics of a ``[chunk, V]`` block of tempered logits.
+
+    Returns ``(lse, logp_all, p, logp, entropy)``; ``logp_all`` and ``p`` are ``[chunk, V]``
+    temporaries that :func:`dlogits_from_probs` may reuse in place.
+    """
+    lse = torch.logsumexp(z, dim=-1)
     logp_all = z - lse[:, None]
     p = logp_all.exp()
-    dz = -grad_logp[:, None] * p
+    logp = logp_all.gather(1, targets[:, None]).squeeze(1)
+    entropy = -torch.linalg.vecdot(p, logp_all)
+    return lse, logp_all, p, logp, entropy
+
+
+def dlogits_from_probs(logp_all, p, entropy, targets, grad_logp, grad_entropy, inv_temp: float) -> torch.Tensor:
+    """d loss / d raw logits of a block, overwriting ``logp_all``/``p`` (see ``_dlogits_tile``).
+
+    ``d logp_t / d z_j = [j == t] - p_j``, ``d H / d z_j = -p_j (logp_j + H)``, and the raw
+    logits are ``T * z``. ``grad_entropy=None`` skips the entropy term (one pass fewer).
+    """
+    if grad_entropy is None:
+        dz = p.mul_(-grad_logp[:, None])
+    else:
+        dz = logp_all.add_(entropy[:, None]).mul_(p).mul_(-grad_entropy[:, None])
+        dz.addcmul_(p, grad_logp[:, None], value=-1.0)
     dz.scatter_add_(1, targets[:, None], grad_logp[:, None])
-    dz -= grad_entropy[:, None] * p * (logp_all + entropy[:, None])
-    return dz * inv_temp
+    return dz.mul_(inv_temp) if inv_temp != 1.0 else dz
+
+
+def dlogits_from_grads(z, lse, entropy, targets, grad_logp, grad_entropy, inv_temp: float) -> torch.Tensor:
+    """Backward recomputation: d loss / d raw logits from a block's logits and saved lse (``z`` is overwritten)."""
+    logp_all = z.sub_(lse[:, None])
+    return dlogits_from_probs(logp_all, logp_all.exp(), entropy, targets, grad_logp, grad_entropy, inv_temp)
 
 
 def block_logits_fp32(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -49,6 +73,10 @@ def block_logits_fp32(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     return out
 
 
+def _rows(t: torch.Tensor | None, start: int, size: int) -> torch.Tensor | None:
+    return None if t is None else t[start : start + size]
+
+
 class ChunkedTorchLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature: float, chunk_size: int | None):
@@ -57,24 +85,22 @@ class ChunkedTorchLogprobs(torch.autograd.Function):
         lse = torch.empty(N, dtype=acc_dtype, device=hidden.device)
         logp = torch.empty_like(lse)
         entropy = torch.empty_like(lse)
-        C = chunk_rows(N, V, acc_dtype, hidden.device, chunk_size)
+        # logits, log-probs and probabilities of a block are alive together.
+        C = chunk_rows(N, V, 3 * lse.element_size(), hidden.device, chunk_size)
         inv_temp = 1.0 / temperature
         for s in range(0, N, C):
             z = block_logits_fp32(hidden[s : s + C], weight, bias) * inv_temp
-            lse_c = torch.logsumexp(z, dim=-1)
-            logp_all = z - lse_c[:, None]
-            lse[s : s + C] = lse_c
-            logp[s : s + C] = logp_all.gather(1, targets[s : s + C, None]).squeeze(1)
-            entropy[s : s + C] = -(logp_all.exp() * logp_all).sum(-1)
+            lse[s : s + C], _, _, logp[s : s + C], entropy[s : s + C] = block_stats(z, targets[s : s + C])
         ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
         ctx.temperature, ctx.chunk = temperature, C
+        ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None: skip its term
         return logp, entropy.clone()  # fp32 (fp64 for fp64 inputs)
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
         hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
         grad_logp = torch.zeros_like(lse) if grad_logp is None else grad_logp.to(lse.dtype)
-        grad_entropy = torch.zeros_like(lse) if grad_entropy is None else grad_entropy.to(lse.dtype)
+        grad_entropy = None if grad_entropy is None else grad_entropy.to(lse.dtype)
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         dh = torch.empty_like(hidden) if need_h else None
         dw = torch.zeros_like(weight, dtype=lse.dtype) if need_w else None
@@ -84,7 +110,7 @@ class ChunkedTorchLogprobs(torch.autograd.Function):
             h = hidden[s : s + C]
             z = block_logits_fp32(h, weight, bias) * inv_temp
             dz = dlogits_from_grads(z, lse[s : s + C], entropy[s : s + C], targets[s : s + C],
-                                    grad_logp[s : s + C], grad_entropy[s : s + C], inv_temp)
+                                    grad_logp[s : s + C], _rows(grad_entropy, s, C), inv_temp)
             if need_h:
                 dh[s : s + C] = (dz.to(weight.dtype) @ weight).to(hidden.dtype)
             if need_w:
@@ -96,17 +122,12 @@ class ChunkedTorchLogprobs(torch.autograd.Function):
         return dh, dw, db, None, None, None
 
 
-def _interpreter_block_sizes() -> tuple[int, int, int]:
-    # Tests shrink these (odd V then spans several tiles); 16 is the smallest legal tl.dot tile.
-    return tuple(int(x) for x in os.environ.get("MRT_FAST_INTERPRET_BLOCKS", "16,32,16").split(","))
-
-
 def triton_block_sizes(device: torch.device, dtype: torch.dtype) -> tuple[int, int, int, bool]:
     """(BLOCK_N, BLOCK_V, BLOCK_H, UPCAST) for the log-prob kernels."""
-    from .backend import triton_interpreting
+    from .backend import interpreter_block_sizes, triton_interpreting
 
     if triton_interpreting():
-        return (*_interpreter_block_sizes(), True)
+        return (*interpreter_block_sizes(), True)
     # GPU: 64x128 logits tile, 64-wide K slices; fp64 operands are cast to fp32 (fp32 accumulation anyway).
     return 64, 128, 64, dtype == torch.float64
 
@@ -191,28 +212,25 @@ class LogitsLogprobs(torch.autograd.Function):
         acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
         lse = torch.empty(R, dtype=acc, device=logits.device)
         logp, entropy = torch.empty_like(lse), torch.empty_like(lse)
-        C = chunk_rows(R, V, acc, logits.device, chunk_size)
+        C = chunk_rows(R, V, 3 * lse.element_size(), logits.device, chunk_size)
         inv_temp = 1.0 / temperature
         for s in range(0, R, C):
             z = logits[s : s + C].to(acc) * inv_temp
-            lse_c = torch.logsumexp(z, dim=-1)
-            logp_all = z - lse_c[:, None]
-            lse[s : s + C] = lse_c
-            logp[s : s + C] = logp_all.gather(1, targets[s : s + C, None]).squeeze(1)
-            entropy[s : s + C] = -(logp_all.exp() * logp_all).sum(-1)
+            lse[s : s + C], _, _, logp[s : s + C], entropy[s : s + C] = block_stats(z, targets[s : s + C])
         ctx.save_for_backward(logits, targets, lse, entropy)
         ctx.temperature, ctx.chunk = temperature, C
+        ctx.set_materialize_grads(False)
         return logp, entropy.clone()
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
         logits, targets, lse, entropy = ctx.saved_tensors
         grad_logp = torch.zeros_like(lse) if grad_logp is None else grad_logp.to(lse.dtype)
-        grad_entropy = torch.zeros_like(lse) if grad_entropy is None else grad_entropy.to(lse.dtype)
+        grad_entropy = None if grad_entropy is None else grad_entropy.to(lse.dtype)
         grad = torch.empty_like(logits)
         inv_temp, C = 1.0 / ctx.temperature, ctx.chunk
         for s in range(0, logits.shape[0], C):
             z = logits[s : s + C].to(lse.dtype) * inv_temp
             grad[s : s + C] = dlogits_from_grads(z, lse[s : s + C], entropy[s : s + C], targets[s : s + C],
-                                                 grad_logp[s : s + C], grad_entropy[s : s + C], inv_temp)
+                                                 grad_logp[s : s + C], _rows(grad_entropy, s, C), inv_temp)
         return grad, None, None, None

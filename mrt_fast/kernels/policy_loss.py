@@ -31,7 +31,7 @@ import torch
 
 from . import reference
 from .chunking import chunk_rows
-from .logprobs import block_logits_fp32, dlogits_from_grads
+from .logprobs import block_logits_fp32, block_stats, dlogits_from_probs
 
 
 @dataclass(frozen=True)
@@ -81,22 +81,18 @@ def torch_rows(logits, dlogits, sl: slice, inp: TokenInputs, out: TokenOutputs, 
     ``[chunk]`` vectors only, so the CPU path shares its maths with the reference.
     """
     inv_temp = 1.0 / cfg.temperature
-    z = logits * inv_temp
-    lse = torch.logsumexp(z, dim=-1)
-    logp_all = z - lse[:, None]
     targets = inp.targets[sl]
-    logp = logp_all.gather(1, targets[:, None]).squeeze(1)
-    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    _, logp_all, p, logp, entropy = block_stats(logits * inv_temp if inv_temp != 1.0 else logits, targets)
     adv = inp.advantages[inp.adv_index[sl]] if inp.adv_index is not None else inp.advantages[sl]
-    w = inp.weights[sl].to(z.dtype)
+    w = inp.weights[sl].to(logp.dtype)
     old = inp.old_logprobs[sl] if inp.old_logprobs is not None else None
     ref = inp.ref_logprobs[sl] if inp.ref_logprobs is not None else None
     with torch.enable_grad():
         lp = logp.detach().requires_grad_()
         ent = entropy.detach().requires_grad_()
         term, stats = reference.policy_token_terms(
-            lp, ent, adv.to(z.dtype), old_logprobs=None if old is None else old.to(z.dtype),
-            ref_logprobs=None if ref is None else ref.to(z.dtype), eps_low=cfg.eps_low, eps_high=cfg.eps_high,
+            lp, ent, adv.to(logp.dtype), old_logprobs=None if old is None else old.to(logp.dtype),
+            ref_logprobs=None if ref is None else ref.to(logp.dtype), eps_low=cfg.eps_low, eps_high=cfg.eps_high,
             dual_clip=cfg.dual_clip, beta=cfg.beta, kl_estimator=cfg.kl_estimator, entropy_coef=cfg.entropy_coef,
         )
         active = w != 0
@@ -115,17 +111,15 @@ def torch_rows(logits, dlogits, sl: slice, inp: TokenInputs, out: TokenOutputs, 
     if dlogits is not None:
         zero = torch.zeros_like(logp)
         g_logp = zero if g_logp is None else torch.where(active, g_logp, zero)
-        g_ent = zero if g_ent is None else torch.where(active, g_ent, zero)
-        dlogits.copy_(dlogits_from_grads(z, lse, entropy, targets, g_logp, g_ent, inv_temp))
+        g_ent = None if g_ent is None else torch.where(active, g_ent, zero)
+        dlogits.copy_(dlogits_from_probs(logp_all, p, entropy, targets, g_logp, g_ent, inv_temp))
 
 
 def _row_block_v() -> int:
-    from .backend import triton_interpreting
+    from .backend import interpreter_block_sizes, triton_interpreting
 
     if triton_interpreting():
-        from .logprobs import _interpreter_block_sizes
-
-        return _interpreter_block_sizes()[1]
+        return interpreter_block_sizes()[1]
     return 2048  # a 128-thread x 16-element vector per tile: wide loads on a memory-bound pass
 
 
@@ -164,9 +158,10 @@ class FusedPolicyLossFunction(torch.autograd.Function):
         dh = torch.empty_like(hidden) if need_h else None
         dw = torch.zeros_like(weight) if need_w else None
         db = torch.zeros(V, dtype=acc, device=weight.device) if need_b else None
-        # Bytes per logits element held at once: the fp32 block plus its dlogits in the operand dtype.
-        per_elem = 4 + (hidden.element_size() if hidden.dtype != torch.float32 else 0)
-        C = chunk_rows(N, V * per_elem // 4, torch.float32, hidden.device, chunk_size)
+        # Held at once per logit: the fp32 (fp64) block, plus a dlogits block for 16-bit operands.
+        logits_bytes = 8 if hidden.dtype == torch.float64 else 4
+        dlogits_bytes = hidden.element_size() if hidden.element_size() < logits_bytes else 0
+        C = chunk_rows(N, V, logits_bytes + dlogits_bytes, hidden.device, chunk_size)
         rows = triton_rows if backend == "triton" else torch_rows
         for s in range(0, N, C):
             sl = slice(s, min(s + C, N))

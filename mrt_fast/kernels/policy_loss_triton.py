@@ -71,8 +71,8 @@ def policy_loss_rows_kernel(
         ratio = tl.exp(tl.minimum(tl.maximum(log_ratio, -20.0), 20.0))
         d_ratio = tl.where(inside, ratio, 0.0)
     else:  # on-policy: ratio = exp(logp - logp.detach()) = 1, d ratio / d logp = 1
-        ratio = 1.0
-        d_ratio = 1.0
+        ratio = tl.zeros_like(logp) + 1.0  # an fp32 tensor, like the off-policy branch's
+        d_ratio = ratio
     pg_unclipped = -adv * ratio
     pg_clipped = -adv * tl.minimum(tl.maximum(ratio, 1.0 - eps_low), 1.0 + eps_high)
     # When the clipped branch wins strictly, the ratio is outside the clip range and its gradient is 0.

@@ -16,17 +16,40 @@ from mrt_fast.mrt.advantages import (
 from mrt_fast.mrt.episodes import (
     DEFAULT_CUES,
     EpisodeSplitter,
+    make_splitter,
     response_episodes,
     split_episodes,
     thinking_span,
     token_episode_ids,
     tokenize_episodes,
 )
-from mrt_fast.mrt.progress import estimate_J, progress_from_J, run_meta_prover
+from mrt_fast.mrt.plans import (
+    EpisodeTrace,
+    RLPlan,
+    SFTExample,
+    episode_trace,
+    grpo_plan,
+    mrt_online_plan,
+    mrt_rl_plan,
+    mrt_star_plan,
+    score_traces,
+)
+from mrt_fast.mrt.progress import estimate_J, progress_from_J, run_meta_prover, termination_token_ids
 
 __all__ = [
     "DEFAULT_CUES",
     "EpisodeSplitter",
+    "EpisodeTrace",
+    "RLPlan",
+    "SFTExample",
+    "episode_trace",
+    "grpo_plan",
+    "make_splitter",
+    "mrt_online_plan",
+    "mrt_rl_plan",
+    "mrt_star_plan",
+    "score_traces",
+    "termination_token_ids",
     "estimate_J",
     "group_baseline",
     "mrt_rewards",

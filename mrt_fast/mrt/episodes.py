@@ -97,6 +97,22 @@ def split_episodes(
     return list(zip(char_cuts[:-1], char_cuts[1:]))
 
 
+def make_splitter(
+    *,
+    cues: Sequence[str] = DEFAULT_CUES,
+    min_gap: int = DEFAULT_MIN_GAP,
+    max_episodes: int = DEFAULT_MAX_EPISODES,
+    group_size: int = 1,
+) -> EpisodeSplitter:
+    """:func:`split_episodes` with its settings bound (e.g. from a run config), checked once here."""
+    split_episodes("", cues=cues, min_gap=min_gap, max_episodes=max_episodes, group_size=group_size)
+
+    def splitter(text: str) -> list[Span]:
+        return split_episodes(text, cues=cues, min_gap=min_gap, max_episodes=max_episodes, group_size=group_size)
+
+    return splitter
+
+
 def thinking_span(text: str) -> Span:
     """Character span of the thinking part of an assistant response.
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Literal
 
 import torch
@@ -64,3 +65,19 @@ def tiny_tokenizer(vocab_size: int = 96):
     )
     tok.train_from_iterator(_CORPUS * 4, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>")
+
+
+@contextlib.contextmanager
+def torch_threads(n: int = 1):
+    """Run with `n` intra-op torch threads, then restore the previous count.
+
+    Tiny models on a CPU shared with other jobs: OpenMP threads spin-waiting for each other
+    make each small matmul 10-100x slower than on one thread, so tests and CPU benchmarks of
+    the sampling loop pin one thread.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -1,0 +1,86 @@
+"""The tiny-model warm start: the shipped checkpoint's accuracy band, reproducibility, the CLI."""
+
+import json
+
+import pytest
+import torch
+
+from mrt_fast.data import load_warm_start
+from mrt_fast.data.synthetic import generate_problems
+from mrt_fast.data.warm_start import (
+    IGNORE_INDEX,
+    WarmStartConfig,
+    collate,
+    encode_example,
+    main,
+    sft_loss,
+    task_accuracy,
+    train,
+)
+
+# Fresh problems: a seed used neither by training (0) nor by the warm start's own evaluation.
+BAND_SEED = 777
+MICRO_MODEL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                   num_key_value_heads=2)
+
+
+def test_shipped_checkpoint_answers_within_the_band():
+    """The issue's band: the warm-started tiny model answers 20-70% at the default difficulty."""
+    torch.set_num_threads(2)
+    model, tokenizer = load_warm_start()
+    problems = generate_problems(96, seed=BAND_SEED)
+    accuracy = task_accuracy(model, tokenizer, problems, temperature=1.0, seed=0)
+    assert 0.2 <= accuracy <= 0.7, accuracy
+
+
+def test_encode_example_masks_the_prompt_and_matches_joint_tokenisation():
+    from mrt_fast.data import build_tiny_tokenizer, chat_prompt_text
+
+    tok = build_tiny_tokenizer()
+    ids, labels = encode_example(tok, "Find it.", "<think>\nok\n</think>\n\nThe answer is \\boxed{k}.")
+    joint = tok(chat_prompt_text("Find it.") + "<think>\nok\n</think>\n\nThe answer is \\boxed{k}.<|im_end|>",
+                add_special_tokens=False)["input_ids"]
+    assert ids == joint
+    n_prompt = len(tok(chat_prompt_text("Find it."), add_special_tokens=False)["input_ids"])
+    assert labels[:n_prompt] == [IGNORE_INDEX] * n_prompt and labels[n_prompt:] == ids[n_prompt:]
+    assert ids[-1] == tok.eos_token_id
+
+
+def test_sft_loss_matches_a_per_example_fp64_reference():
+    from transformers import AutoModelForCausalLM
+
+    from mrt_fast.data import build_tiny_tokenizer, tiny_model_config
+
+    tok = build_tiny_tokenizer()
+    model = AutoModelForCausalLM.from_config(tiny_model_config(len(tok), **MICRO_MODEL)).double()
+    examples = [encode_example(tok, "Find it.", "<think>\nno\n</think>"), encode_example(tok, "Go", "yes")]
+    loss = sft_loss(model, collate(examples, tok.pad_token_id))
+    total, count = 0.0, 0
+    for ids, labels in examples:
+        logits = model(torch.tensor([ids])).logits[0, :-1]
+        target = torch.tensor(labels[1:])
+        keep = target != IGNORE_INDEX
+        total += torch.nn.functional.cross_entropy(logits[keep], target[keep], reduction="sum")
+        count += int(keep.sum())
+    torch.testing.assert_close(loss, total / count)
+
+
+def test_warm_start_is_reproducible_and_the_cli_writes_a_loadable_checkpoint(tmp_path):
+    cfg = WarmStartConfig(steps=3, batch_size=4, model_overrides=MICRO_MODEL, eval_problems=0)
+    first, _, history = train(cfg, log=lambda *_: None)
+    second, _, _ = train(cfg, log=lambda *_: None)
+    for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert len(history) == 3 and all(h["loss"] > 0 for h in history)
+
+    report = main(["--out", str(tmp_path), "--steps", "2", "--batch-size", "2", "--eval-problems", "4",
+                   "--max-new-tokens", "8", "--model-overrides", json.dumps(MICRO_MODEL)])
+    model, tok = load_warm_start(path=tmp_path)
+    assert json.loads((tmp_path / "warm_start.json").read_text())["config"]["steps"] == 2
+    assert 0.0 <= report["accuracy_t1"] <= 1.0
+    assert model.config.vocab_size == len(tok)
+
+
+def test_load_warm_start_missing_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="warm_start"):
+        load_warm_start(path=tmp_path)

@@ -567,7 +567,9 @@ def evaluate(cfg: RunConfig, engine: Any, tokenizer: Any, examples: Sequence[Exa
 
 class StopRequest:
     """Ctrl-C / SIGTERM handling: the first signal asks for a checkpoint at the next safe point
-    (the end of the current step); a second one interrupts immediately."""
+    (the end of the current step). A second Ctrl-C interrupts at once; SIGTERM never does,
+    because torchrun follows a terminal's Ctrl-C (which every rank already got) with a SIGTERM
+    to its workers, and that must not cut the checkpoint short."""
 
     def __init__(self) -> None:
         self.requested = False
@@ -576,11 +578,12 @@ class StopRequest:
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:
+        if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
+        if not self.requested:
+            print(f"\n[mrt_fast.train] {signal.Signals(signum).name}: will checkpoint after this step and "
+                  "stop (Ctrl-C again stops now)", file=sys.stderr, flush=True)
         self.requested = True
-        print(f"\n[mrt_fast.train] signal {signum}: will checkpoint after this step and stop "
-              "(send it again to stop now)", file=sys.stderr, flush=True)
 
     def agreed(self) -> bool:
         """True on every rank when any rank was signalled (ranks must stop at the same step)."""

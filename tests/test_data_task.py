@@ -52,7 +52,7 @@ def test_problem_structure_and_difficulty_knob(difficulty):
         assert [k for k in keys if values[k] == target] == [p.answer]  # exactly one solution
         assert f"value is {target}." in p.prompt
         for k in keys:
-            assert f"{k}={values[k]}" in p.prompt
+            assert f"{k}{values[k]}," in p.prompt or p.prompt.endswith(f"{k}{values[k]}.")
 
 
 def test_problem_bad_input():
@@ -119,10 +119,10 @@ def test_read_attempts_marks_productive_and_redundant_episodes():
     keys, values, target = p.meta["keys"], p.meta["values"], p.meta["target"]
     wrong = [k for k in keys if k != p.answer]
     thinking = (
-        f"Let me try {wrong[0]}.\n\n{wrong[0]}={values[wrong[0]]}.\n\n{values[wrong[0]]} is not {target}, so no."
-        f"\n\nBut let me double-check {wrong[0]}.\n\n{wrong[0]}={values[wrong[0]]}.\n\n"
-        f"{values[wrong[0]]} is not {target}, so no.\n\nWait, try {p.answer}.\n\n{p.answer}={target}.\n\n"
-        f"{target} is {target}, so yes.\n\nWait, try {wrong[1]}.\n\n{wrong[1]}="
+        f"Let me try {wrong[0]}.\n\n{wrong[0]}{values[wrong[0]]}.\n\n{values[wrong[0]]} is not {target}, so no."
+        f"\n\nBut let me double-check {wrong[0]}.\n\n{wrong[0]}{values[wrong[0]]}.\n\n"
+        f"{values[wrong[0]]} is not {target}, so no.\n\nWait, try {p.answer}.\n\n{p.answer}{target}.\n\n"
+        f"{target} is {target}, so yes.\n\nWait, try {wrong[1]}.\n\n{wrong[1]}"
     )
     attempts = read_attempts(p, thinking)
     assert [a.key for a in attempts] == [wrong[0], wrong[0], p.answer, wrong[1]]

@@ -153,7 +153,16 @@ def brute_force_mask(b: PackedBatch, window=None) -> torch.Tensor:
 def test_dense_mask_matches_definition(window):
     (b,) = pack(groups_of([4, 0, 2], [[3, 2, 1], [3, 2], [2]]))
     got = dense_mask(prefix_tree_mask(b.group_ids, b.segment_ids, b.position_ids, window), b.num_tokens)
-    assert torch.equal(got, brute_force_mask(b, window))
+    want = brute_force_mask(b, window)
+    assert torch.equal(got, want)
+    # The SDPA path attends group by group: the per-group masks tile the diagonal of the same mask.
+    ctx = PackedAttentionContext.from_batch(b, "sdpa")
+    tiled = torch.zeros_like(want)
+    blocks = ctx.group_masks(window)
+    assert [(s, e) for s, e, _ in blocks] == [(0, 10), (10, 15), (15, 19)]
+    for start, end, mask in blocks:
+        tiled[start:end, start:end] = mask[0, 0]
+    assert torch.equal(tiled, want)
 
 
 def test_flex_block_mask_equals_dense_mask():

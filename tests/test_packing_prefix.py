@@ -154,7 +154,10 @@ def test_import_without_extension_falls_back(monkeypatch):
 
     seqs = [[1, 2, 3], [1, 2, 4], [5]]
     expected = group_by_prefix_reference(seqs)
+    import mrt_fast
+
     monkeypatch.setitem(sys.modules, "mrt_fast._native", None)  # makes the import raise ImportError
+    monkeypatch.delattr(mrt_fast, "_native", raising=False)
     try:
         importlib.reload(pf)
         assert pf.prefix_finder_backend() == "python"

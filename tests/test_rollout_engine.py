@@ -2,11 +2,12 @@
 Llama-shaped tiny random models) always, vLLM where it is importable and a GPU is present."""
 
 import importlib.util
+import os
 
 import pytest
 import torch
 
-from mrt_fast.rollout import Completion, HFEngine, SamplingParams, make_engine
+from mrt_fast.rollout import Completion, HFEngine, SamplingParams, VLLMEngine, make_engine
 from mrt_fast.rollout.testing import tiny_causal_lm, tiny_tokenizer, torch_threads
 
 
@@ -39,9 +40,11 @@ def engine(request, tokenizer, tmp_path_factory):
         model = tiny_causal_lm(request.param.split("-")[1], max_position_embeddings=MAX_POS)
         return make_engine("hf", model=model, tokenizer=tokenizer)
     path = tmp_path_factory.mktemp("tiny-vllm")
-    tiny_causal_lm("qwen2", max_position_embeddings=MAX_POS).save_pretrained(path)
+    # vLLM's attention kernels want head_dim >= 32: hidden 256 / 4 heads = 64.
+    tiny_causal_lm("qwen2", hidden_size=256, max_position_embeddings=MAX_POS).save_pretrained(path)
     tokenizer.save_pretrained(path)
-    return make_engine("vllm", model_path=str(path), dtype="float32", gpu_memory_utilization=0.2, enforce_eager=True)
+    engine = make_engine("vllm", model_path=str(path), dtype="float32", gpu_memory_utilization=0.2, enforce_eager=True)
+    return engine
 
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [20, 21, 22, 23]]
@@ -132,9 +135,43 @@ def test_text_prompt_is_a_type_error(engine):
         engine.generate(["hello"], SamplingParams())
 
 
-def test_make_engine_rejects_unknown_backend():
+def test_update_weights_changes_what_is_sampled(engine):
+    """After a sync the engine samples from the new weights (for vLLM this also checks that the
+    prefix cache was reset: the same prompt must not reuse KV computed with the old weights)."""
+    params = SamplingParams(temperature=0.0, max_new_tokens=8, ignore_eos=True)
+    before = engine.generate([PROMPTS[0]], params)[0][0].token_ids
+    kind = "llama" if "Llama" in _model_class(engine) else "qwen2"
+    hidden = 256 if isinstance(engine, VLLMEngine) else 32
+    other = tiny_causal_lm(kind, hidden_size=hidden, max_position_embeddings=MAX_POS, seed=99)
+    original = {k: v.clone() for k, v in _state_dict(engine).items()}
+    try:
+        engine.update_weights(other.state_dict())
+        after = engine.generate([PROMPTS[0]], params)[0][0].token_ids
+        expected = HFEngine(other).generate([PROMPTS[0]], params)[0][0].token_ids
+        assert after == expected and after != before
+    finally:
+        engine.update_weights(original)
+    assert engine.generate([PROMPTS[0]], params)[0][0].token_ids == before
+
+
+def _model_class(engine) -> str:
+    return type(engine.model).__name__ if isinstance(engine, HFEngine) else "Qwen2"
+
+
+def _state_dict(engine):
+    if isinstance(engine, HFEngine):
+        return engine.model.state_dict()
+    # vLLM fuses some weights; the HF checkpoint this engine was built from has the HF names.
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(engine.model_path, "model.safetensors"))
+
+
+def test_make_engine_rejects_unknown_backend_and_a_module_for_vllm():
     with pytest.raises(ValueError, match="backend must be one of"):
         make_engine("sglang")
+    with pytest.raises(ValueError, match="pass model_path="):
+        make_engine("vllm", model=tiny_causal_lm("qwen2"))
 
 
 def test_make_engine_hf_loads_a_checkpoint_directory(tmp_path, tokenizer):

@@ -186,6 +186,8 @@ def test_small_batches_give_the_same_results(model):
     big = HFEngine(model).generate(PROMPTS, params, n=3)
     small = HFEngine(model, max_batch_size=2, prefill_chunk_tokens=4).generate(PROMPTS, params, n=3)
     assert [[c.token_ids for c in r] for r in big] == [[c.token_ids for c in r] for r in small]
+    by_kv = HFEngine(model, max_kv_tokens=20).generate(PROMPTS, params, n=3)  # 1 row: 9 cached + 7 new
+    assert [[c.token_ids for c in r] for r in big] == [[c.token_ids for c in r] for r in by_kv]
 
 
 def test_engine_rejects_sliding_window_models():

@@ -4,7 +4,7 @@ A problem lists ``difficulty`` keys with single-digit values; exactly one key ho
 target value::
 
     Find the key whose value is 7.
-    Keys: b=3, k=7, e=1, q=5, m=2, h=9.
+    Keys: b3, k7, e1, q5, m2, h9.
 
 A solution tries keys one at a time. Every attempt is one episode of three paragraphs (so the
 episode splitter of DESIGN.md §2, which keeps at least three paragraphs per episode, cuts at
@@ -12,7 +12,7 @@ every attempt): a cue and the key, the key's value copied from the prompt, and t
 
     Wait, try e.
 
-    e=1.
+    e1.
 
     1 is not 7, so no.
 
@@ -109,7 +109,9 @@ def make_problem(rng: random.Random, difficulty: int = DEFAULT_DIFFICULTY) -> Pr
     answer = rng.choice(keys)
     others = [d for d in range(10) if d != target]
     values = {k: (target if k == answer else rng.choice(others)) for k in keys}
-    listing = ", ".join(f"{k}={values[k]}" for k in keys)
+    # Key and value are adjacent tokens, in the prompt and in the trace's lookup paragraph: the
+    # lookup is then a plain two-layer induction head (find the key, copy the token after it).
+    listing = ", ".join(f"{k}{values[k]}" for k in keys)
     prompt = f"Find the key whose value is {target}.\nKeys: {listing}."
     meta = {"keys": keys, "values": values, "target": target, "difficulty": difficulty}
     return Problem(prompt=prompt, answer=answer, meta=meta)
@@ -139,7 +141,7 @@ def generate_problems(n: int, *, seed: int, difficulty: int = DEFAULT_DIFFICULTY
 def attempt_paragraphs(opening: str, key: str, value: int, target: int) -> list[str]:
     """The three paragraphs of one attempt: the opening, the lookup, the check."""
     verdict = f"{value} is {target}, so yes." if value == target else f"{value} is not {target}, so no."
-    return [opening, f"{key}={value}.", verdict]
+    return [opening, f"{key}{value}.", verdict]
 
 
 def answer_text(key: str) -> str:

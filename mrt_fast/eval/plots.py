@@ -30,7 +30,7 @@ def write_plots(result: dict, out_dir: Path) -> list[str]:
     ax.set_ylabel("J: pass@1 after forced termination")
     ax.set_ylim(-0.02, 1.05)
     ax.set_title(f"pass@1 {result['pass@1']:.3f}, {result['num_problems']} problems")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     paths.append(str(out_dir / "regret_curve.png"))
     fig.savefig(paths[-1], dpi=100)

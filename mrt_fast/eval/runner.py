@@ -94,36 +94,45 @@ def _strip_tail(tokenizer: Any, ids: list[int]) -> list[int]:
     return ids
 
 
-def _forced_continuations(
-    engine: Any, tokenizer: Any, prompt: list[int], trace: Any, s: EvalSettings
-) -> list[list[int]]:
-    """Budget forcing of one trace: its response token ids after every forcing step.
+def _budget_forcing(
+    engine: Any, tokenizer: Any, prompts: list[list[int]], traces: list[Any], s: EvalSettings
+) -> list[list[list[int]]]:
+    """Budget forcing: for each trace, its response token ids after every forcing step.
 
-    The thinking is kept up to ``</think>`` and continued with ``"\n\nWait"``; each step samples up
-    to ``forcing_step`` tokens and stops at ``</think>`` (dropped again). A step that ran out of its
-    token budget continues as it is; one that tried to stop thinking (or ended) gets a new cue.
+    Thinking is kept up to ``</think>`` and continued with ``"\n\nWait"``; each step samples up to
+    ``forcing_step`` tokens and stops at ``</think>`` (dropped again). A trace whose step ran out of
+    tokens continues as it is; one that tried to stop thinking (or ended) gets a new cue. All
+    traces still under ``forcing_budget`` take their step in one ``generate`` call.
     """
     step_params, think_end_id = _think_end_stop(tokenizer, replace(s.params, max_new_tokens=s.forcing_step))
     cue = tokenizer(PARAGRAPH_SEP + FORCING_CUE, add_special_tokens=False)["input_ids"]
-    ids = list(trace.token_ids[: trace.think_end])
-    needs_cue = trace.think_end < len(trace.token_ids)  # it closed its thinking (or ended): force more
-    states: list[list[int]] = []
+    special = set(tokenizer.all_special_ids)
+    ids = [list(tr.token_ids[: tr.think_end]) for tr in traces]
+    # A trace that closed its thinking or ended (EOS) is forced on; one cut by its budget just continues.
+    needs_cue = [tr.think_end < len(tr.token_ids) or bool(tr.token_ids and tr.token_ids[-1] in special) for tr in traces]
+    states: list[list[list[int]]] = [[] for _ in traces]
     while True:
-        if needs_cue:
-            ids = _strip_tail(tokenizer, ids) + cue
-        if len(ids) >= s.forcing_budget:
+        active = []
+        for t in range(len(traces)):
+            if needs_cue[t]:
+                ids[t] = _strip_tail(tokenizer, ids[t]) + cue
+                needs_cue[t] = False
+            if len(ids[t]) < s.forcing_budget:
+                active.append(t)
+        if not active:
             return states
-        c = engine.generate([prompt + ids], step_params, n=1)[0][0]
-        new = list(c.token_ids)
-        if c.finish_reason == "stop":
-            if think_end_id is not None and new and new[-1] == think_end_id:
-                new = new[:-1]
-            else:  # a stop string: keep the tokens before the one that completed it
-                while new and THINK_END in tokenizer.decode(new):
+        steps = engine.generate([prompts[t] + ids[t] for t in active], step_params, n=1)
+        for t, (c,) in zip(active, steps):
+            new = list(c.token_ids)
+            if c.finish_reason == "stop":
+                if think_end_id is not None and new and new[-1] == think_end_id:
                     new = new[:-1]
-        ids += new
-        needs_cue = c.finish_reason != "length"
-        states.append(list(ids))
+                else:  # a stop string: keep the tokens before the one that completed it
+                    while new and THINK_END in tokenizer.decode(new):
+                        new = new[:-1]
+            ids[t] += new
+            needs_cue[t] = c.finish_reason != "length"
+            states[t].append(list(ids[t]))
 
 
 def evaluate(
@@ -153,7 +162,8 @@ def evaluate(
     for batch in _batches(len(prompts), s.batch_size):
         bp = [list(prompts[i]) for i in batch]
         samples = engine.generate(bp, s.params, n=s.n)
-        meta_inputs = []  # (problem, response ids, boundaries, forced-from index)
+        measured = []  # (problem, EpisodeTrace) of the traces measured at every boundary
+        meta_inputs = []  # (problem, response ids, boundaries, own boundary count or None for a forced point)
         for i, per in zip(batch, samples):
             correct = [bool(grader(c.text, answers[i])) for c in per]
             extracted = [extract(c.text) for c in per]
@@ -165,13 +175,14 @@ def evaluate(
                 "pass@k": {str(k): pass_at_k(s.n, sum(correct), k) for k in s.ks},
                 "maj@k": {str(k): maj_at_k(extracted, correct, k) for k in s.ks},
             })
-            for c in per[: s.regret_samples]:
-                tr = episode_trace(tokenizer, c.token_ids, s.splitter)
-                bounds = tr.meta_boundaries()
-                meta_inputs.append((i, tr.token_ids, bounds, len(bounds)))
-                if s.forcing_budget:
-                    for forced in _forced_continuations(engine, tokenizer, list(prompts[i]), tr, s):
-                        meta_inputs.append((i, forced, [len(forced)], None))
+            measured += [(i, episode_trace(tokenizer, c.token_ids, s.splitter)) for c in per[: s.regret_samples]]
+        forced: list[list[list[int]]] = [[] for _ in measured]
+        if s.forcing_budget:
+            forced = _budget_forcing(engine, tokenizer, [list(prompts[i]) for i, _ in measured], [tr for _, tr in measured], s)
+        for (i, tr), states in zip(measured, forced):
+            bounds = tr.meta_boundaries()
+            meta_inputs.append((i, tr.token_ids, bounds, len(bounds)))
+            meta_inputs += [(i, ids, [len(ids)], None) for ids in states]
         meta = run_meta_prover(
             engine, [prompts[i] for i, *_ in meta_inputs], [r for _, r, _, _ in meta_inputs],
             [b for _, _, b, _ in meta_inputs], answers=[answers[i] for i, *_ in meta_inputs], grader=grader,

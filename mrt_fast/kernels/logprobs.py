@@ -24,8 +24,8 @@ def block_stats(z: torch.Tensor, targets: torch.Tensor):
     Returns ``(lse, logp_all, p, logp, entropy)``; ``logp_all`` and ``p`` are ``[chunk, V]``
     temporaries that :func:`dlogits_from_probs` may reuse in place.
     """
-    lse = torch.logsumexp(z, dim=-1)
-    logp_all = z - lse[:, None]
+    logp_all = torch.log_softmax(z, dim=-1)
+    lse = z[:, 0] - logp_all[:, 0]  # log_softmax is one fused pass; lse comes out of it for free
     p = logp_all.exp()
     logp = logp_all.gather(1, targets[:, None]).squeeze(1)
     entropy = -torch.linalg.vecdot(p, logp_all)

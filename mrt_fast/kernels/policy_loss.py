@@ -74,8 +74,10 @@ class TokenOutputs:
         return cls(*(torch.zeros(n, dtype=dtype, device=device) for _ in range(7)))
 
 
-def torch_rows(logits, dlogits, sl: slice, inp: TokenInputs, out: TokenOutputs, cfg: PolicyConfig) -> None:
+def torch_rows(logits, sl: slice, inp: TokenInputs, out: TokenOutputs, cfg: PolicyConfig, write_grad: bool):
     """PyTorch version of the row pass (the CPU path); same outputs as the Triton kernel.
+
+    Returns the block's dlogits (a reused temporary of the logits' dtype), or None.
 
     The per-token term comes from ``reference.policy_token_terms`` with autograd on the
     ``[chunk]`` vectors only, so the CPU path shares its maths with the reference.
@@ -97,7 +99,7 @@ def torch_rows(logits, dlogits, sl: slice, inp: TokenInputs, out: TokenOutputs, 
         )
         active = w != 0
         contrib = torch.where(active, w * term, torch.zeros_like(term))
-        if dlogits is not None:
+        if write_grad:
             g_logp, g_ent = torch.autograd.grad(contrib.sum(), (lp, ent), allow_unused=True)
     out.logprobs[sl] = logp.to(out.logprobs.dtype)
     out.entropy[sl] = entropy.to(out.entropy.dtype)
@@ -108,11 +110,12 @@ def torch_rows(logits, dlogits, sl: slice, inp: TokenInputs, out: TokenOutputs, 
         out.clip_dual[sl] = stats["dual"].to(out.clip_dual.dtype)
     if "kl" in stats:
         out.kl[sl] = stats["kl"].to(out.kl.dtype)
-    if dlogits is not None:
-        zero = torch.zeros_like(logp)
-        g_logp = zero if g_logp is None else torch.where(active, g_logp, zero)
-        g_ent = None if g_ent is None else torch.where(active, g_ent, zero)
-        dlogits.copy_(dlogits_from_probs(logp_all, p, entropy, targets, g_logp, g_ent, inv_temp))
+    if not write_grad:
+        return None
+    zero = torch.zeros_like(logp)
+    g_logp = zero if g_logp is None else torch.where(active, g_logp, zero)
+    g_ent = None if g_ent is None else torch.where(active, g_ent, zero)
+    return dlogits_from_probs(logp_all, p, entropy, targets, g_logp, g_ent, inv_temp)
 
 
 def _row_block_v() -> int:
@@ -123,11 +126,21 @@ def _row_block_v() -> int:
     return 2048  # a 128-thread x 16-element vector per tile: wide loads on a memory-bound pass
 
 
-def triton_rows(logits, dlogits, sl: slice, inp: TokenInputs, out: TokenOutputs, cfg: PolicyConfig) -> None:
-    """Launch the Triton row kernel over the rows of one block (grid = rows, 1-D)."""
+def triton_rows(logits, sl: slice, inp: TokenInputs, out: TokenOutputs, cfg: PolicyConfig, write_grad: bool,
+                grad_dtype: torch.dtype | None = None):
+    """Launch the Triton row kernel over the rows of one block (grid = rows, 1-D); returns dlogits or None.
+
+    When ``grad_dtype`` is the logits' dtype (fp32 operands) the kernel overwrites the logits in
+    place (each row is read before it is written, by one program). For 16-bit operands it writes a
+    separate block in that dtype, which feeds the tensor-core matmuls directly.
+    """
     from .policy_loss_triton import KL_CODES, policy_loss_rows_kernel
 
     rows, V = logits.shape
+    dlogits = None
+    if write_grad:
+        same = grad_dtype in (None, logits.dtype)
+        dlogits = logits if same else torch.empty(logits.shape, dtype=grad_dtype, device=logits.device)
     dummy = out.logprobs  # stands in for absent optional pointers (never dereferenced)
     policy_loss_rows_kernel[(rows,)](
         logits, dlogits if dlogits is not None else logits, logits.stride(0),
@@ -142,6 +155,7 @@ def triton_rows(logits, dlogits, sl: slice, inp: TokenInputs, out: TokenOutputs,
         HAS_REF=inp.ref_logprobs is not None, HAS_DUAL=cfg.dual_clip is not None,
         KL=KL_CODES[cfg.kl_estimator], WRITE_GRAD=dlogits is not None, BLOCK_V=_row_block_v(),
     )
+    return dlogits
 
 
 class FusedPolicyLossFunction(torch.autograd.Function):
@@ -156,35 +170,28 @@ class FusedPolicyLossFunction(torch.autograd.Function):
         acc = torch.float64 if hidden.dtype == torch.float64 and backend == "torch" else torch.float32
         out = TokenOutputs.empty(N, acc, hidden.device)
         dh = torch.empty_like(hidden) if need_h else None
-        dw = torch.zeros_like(weight) if need_w else None
-        db = torch.zeros(V, dtype=acc, device=weight.device) if need_b else None
+        dw = db = None  # the first block assigns them (no zero-fill pass over [V, H])
         # Held at once per logit: the fp32 (fp64) block, plus a dlogits block for 16-bit operands.
         logits_bytes = 8 if hidden.dtype == torch.float64 else 4
         dlogits_bytes = hidden.element_size() if hidden.element_size() < logits_bytes else 0
         C = chunk_rows(N, V, logits_bytes + dlogits_bytes, hidden.device, chunk_size)
-        rows = triton_rows if backend == "triton" else torch_rows
         for s in range(0, N, C):
             sl = slice(s, min(s + C, N))
             h = hidden[sl]
             logits = block_logits_fp32(h, weight, bias)
-            # fp32 operands: dlogits overwrite the logits in place (each row is read before it is
-            # written, within one program). 16-bit operands: a separate block in that dtype feeds
-            # the tensor-core matmuls below directly.
-            if not need_grad:
-                dlogits = None
-            elif logits.dtype == hidden.dtype:
-                dlogits = logits
+            if backend == "triton":
+                dlogits = triton_rows(logits, sl, inp, out, cfg, need_grad, grad_dtype=hidden.dtype)
             else:
-                dlogits = torch.empty(logits.shape, dtype=hidden.dtype, device=hidden.device)
-            rows(logits, dlogits, sl, inp, out, cfg)
+                dlogits = torch_rows(logits, sl, inp, out, cfg, need_grad)
             if dlogits is None:
                 continue
+            dlogits = dlogits.to(weight.dtype)  # no-op except for 16-bit inputs on the PyTorch path
             if need_h:
-                dh[sl] = dlogits.to(weight.dtype) @ weight
+                dh[sl] = dlogits @ weight
             if need_w:
-                dw.addmm_(dlogits.T.to(weight.dtype), h.to(weight.dtype))
+                dw = dlogits.T @ h if dw is None else dw.addmm_(dlogits.T, h)
             if need_b:
-                db += dlogits.sum(0, dtype=acc)
+                db = dlogits.sum(0, dtype=acc) if db is None else db.add_(dlogits.sum(0, dtype=acc))
         ctx.save_for_backward(dh, dw, db)
         ctx.bias_dtype = bias.dtype if bias is not None else None
         loss = out.contrib.sum()

@@ -11,8 +11,9 @@ None); the context builds each mask once per forward and every layer reuses it.
 Backends (one mask function, `masks.prefix_tree_mask`, behind all of them):
   flex          FlexAttention with a BlockMask (compiled). GPU default. FlexAttention has no CPU
                 backward, so on the CPU it only runs without gradients (tests use it so).
-  sdpa          the mask materialised as a dense boolean [L, L] tensor through SDPA: the CPU
-                path and the reference. Memory O(L^2): for short streams and checks.
+  sdpa          the mask materialised as dense boolean masks through SDPA, one per group (no
+                attention crosses groups): the CPU path and the reference. Memory
+                O(sum of group_len^2).
   flash_varlen  flash-attn varlen kernels over cu_seqlens; only when no prefix is shared (each
                 group is then one causal sequence) and flash-attn is installed.
 """
@@ -58,7 +59,9 @@ def _flex_attention():
     from torch.nn.attention.flex_attention import flex_attention
 
     if _compiled_flex is None:
-        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+        # Default dynamic-shape handling: every micro-batch has its own length, so after the first
+        # recompile the kernel is shape-generic instead of recompiling per length.
+        _compiled_flex = torch.compile(flex_attention)
     return _compiled_flex
 
 
@@ -112,6 +115,26 @@ class PackedAttentionContext:
             self._masks[key] = mask[None, None]  # [1, 1, L, L], broadcast over batch and heads
         return self._masks[key]
 
+    def group_masks(self, window: int | None) -> list[tuple[int, int, torch.Tensor]]:
+        """Per group: its stream range and its own dense mask `[1, 1, n, n]`.
+
+        Attention never crosses groups, so the SDPA path attends group by group: memory and work
+        O(sum of group_len^2) instead of O(L^2) for the whole stream.
+        """
+        key = ("groups", window)
+        if key not in self._masks:
+            g = self.group_ids
+            change = torch.nonzero(g[1:] != g[:-1]).flatten() + 1
+            bounds = [0, *change.tolist(), g.numel()]
+            mod = self.mask_mod(window)
+            blocks = []
+            for start, end in zip(bounds[:-1], bounds[1:]):
+                idx = torch.arange(start, end, device=g.device)
+                zero = torch.zeros((), dtype=torch.long, device=g.device)
+                blocks.append((start, end, mod(zero, zero, idx[:, None], idx[None, :])[None, None]))
+            self._masks[key] = blocks
+        return self._masks[key]
+
     def block_mask(self, window: int | None):
         from torch.nn.attention.flex_attention import create_block_mask
 
@@ -121,6 +144,8 @@ class PackedAttentionContext:
             self._masks[key] = create_block_mask(
                 self.mask_mod(window), B=None, H=None, Q_LEN=length, KV_LEN=length,
                 device=self.group_ids.device, BLOCK_SIZE=FLEX_BLOCK_SIZE,
+                # Compiled on GPU: the eager version materialises all L^2 mask entries at once.
+                _compile=self.group_ids.device.type == "cuda",
             )
         return self._masks[key]
 
@@ -176,10 +201,14 @@ def packed_attention_forward(
     if ctx.backend == "sdpa":
         rep = query.shape[1] // key.shape[1]
         key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
-        out = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=ctx.dense_mask(window), dropout_p=dropout, scale=scaling
-        )
-        return out.transpose(1, 2).contiguous(), None
+        outs = [
+            F.scaled_dot_product_attention(
+                query[:, :, start:end], key[:, :, start:end], value[:, :, start:end],
+                attn_mask=mask, dropout_p=dropout, scale=scaling,
+            )
+            for start, end, mask in ctx.group_masks(window)
+        ]
+        return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
 
     if ctx.backend == "flex":
         if dropout > 0:

@@ -14,6 +14,7 @@ from .factory import make_engine
 from .hf_engine import HFEngine, PrefixCache
 from .params import Completion, FinishReason, SamplingParams
 from .protocol import RolloutEngine
+from .vllm_engine import VLLMEngine  # imports vllm only when an engine is built
 
 __all__ = [
     "Completion",
@@ -27,10 +28,3 @@ __all__ = [
     "make_engine",
 ]
 
-
-def __getattr__(name: str):
-    if name == "VLLMEngine":  # lazy: importing it does not import vllm, but keep the package light
-        from .vllm_engine import VLLMEngine
-
-        return VLLMEngine
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

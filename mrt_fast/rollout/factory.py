@@ -42,5 +42,10 @@ def make_engine(backend: str = "hf", **kwargs: Any) -> RolloutEngine:
     if backend == "vllm":
         from .vllm_engine import VLLMEngine
 
+        if "model" in kwargs:
+            raise ValueError(
+                "make_engine('vllm') loads weights itself: pass model_path= (a checkpoint directory, e.g. "
+                "from model.save_pretrained), not model=; sync later weights with update_weights()"
+            )
         return VLLMEngine(**kwargs)
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")

@@ -21,10 +21,11 @@ import contextlib
 import inspect
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
+from .branching import check_branch_inputs
 from .kv_cache import KVRows
 from .params import Completion, SamplingParams
 from .protocol import check_n, check_params, check_token_lists
@@ -41,6 +42,26 @@ class PrefixCache:
     kv: KVRows
     last_logits: torch.Tensor  # [prefixes, vocab] fp32
     weights_version: int
+
+
+class _BoundaryJob(NamedTuple):
+    """One (trace, boundary) context: the part served from the trace's cache, the rest fed."""
+
+    trace: int
+    index: int  # which boundary of the trace
+    cached: int  # leading context tokens taken from the trace's prefill
+    suffix: list[int]  # tokens fed after cutting the cache (the termination ids)
+
+    @classmethod
+    def of(cls, trace: int, index: int, prefix: list[int], termination: list[int]) -> "_BoundaryJob":
+        # Without termination text the prefix's last token is re-fed: its logits start the answer.
+        context = prefix + termination
+        cached = min(len(prefix), len(context) - 1)
+        return cls(trace, index, cached, context[cached:])
+
+    @property
+    def context_len(self) -> int:
+        return self.cached + len(self.suffix)
 
 
 @dataclass
@@ -61,6 +82,9 @@ class HFEngine:
             cache (Llama, Qwen2, Mistral without sliding window, ...).
         tokenizer: needed for `Completion.text` and stop strings; without it text is "".
         max_batch_size: most rows decoded together; larger requests are split.
+        max_kv_tokens: if set, also bounds a decode batch by its KV-cache size: rows x (cached
+            columns + tokens to generate) <= max_kv_tokens (at least one row per batch). Size it
+            to the GPU memory left by training: a 1.5B Qwen2 needs 28 KiB of KV per token in bf16.
         prefill_chunk_tokens: budget of (rows x columns) per prefill forward; long prompts are
             prefilled in column chunks of this many tokens in total.
         eos_token_id: overrides the EOS id(s) taken from the generation config / config /
@@ -73,6 +97,7 @@ class HFEngine:
         tokenizer: Any = None,
         *,
         max_batch_size: int = 256,
+        max_kv_tokens: int | None = None,
         prefill_chunk_tokens: int = 8192,
         eos_token_id: int | list[int] | None = None,
     ):
@@ -80,6 +105,9 @@ class HFEngine:
             raise TypeError(f"model must be a transformers causal LM, got {type(model).__name__}")
         check_n(max_batch_size, "max_batch_size")
         check_n(prefill_chunk_tokens, "prefill_chunk_tokens")
+        if max_kv_tokens is not None:
+            check_n(max_kv_tokens, "max_kv_tokens")
+        self.max_kv_tokens = max_kv_tokens
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
@@ -135,48 +163,41 @@ class HFEngine:
 
         One prefill per trace (up to its last boundary); each boundary's context is that cache
         cut at the boundary, followed by `termination_ids` (fed once per boundary, then shared
-        by its k answers). All boundaries of all traces are decoded in shared batches.
+        by its k answers). Boundaries of several traces are decoded in shared batches.
         """
-        from .branching import check_branch_inputs
-
         traces, boundaries, termination_ids = check_branch_inputs(
-            traces, boundaries, termination_ids, k,
-            vocab_size=self.vocab_size, max_len=self.max_context_len,
+            traces, boundaries, termination_ids, k, vocab_size=self.vocab_size, max_len=self.max_context_len
         )
         check_params(params, vocab_size=self.vocab_size, has_tokenizer=self.tokenizer is not None)
         out: list[list[list[Completion]]] = [[[] for _ in b] for b in boundaries]
         base = self._base_seed(params)
-        # Cached part of each (trace, boundary) context and the suffix still to be fed. With no
-        # termination text the boundary's last trace token is re-fed to get its logits.
-        jobs = []  # (trace, boundary index, cached length, suffix)
-        for t, (trace, bounds) in enumerate(zip(traces, boundaries)):
-            for b_idx, b in enumerate(bounds):
-                context = trace[:b] + termination_ids
-                cached = min(b, len(context) - 1)
-                jobs.append((t, b_idx, cached, context[cached:]))
-        rows_per_group = max(1, self.max_batch_size // k)
+        jobs = [
+            _BoundaryJob.of(t, i, trace[:b], termination_ids)
+            for t, (trace, bounds) in enumerate(zip(traces, boundaries))
+            for i, b in enumerate(bounds)
+        ]
+        rows_per_batch = max(1, self.max_batch_size // k)
         with self._sampling_mode():
-            for group in _groups_by_trace(jobs, rows_per_group):
-                group_traces = sorted({j[0] for j in group})
-                local = {t: i for i, t in enumerate(group_traces)}
-                longest = {t: max(j[2] for j in group if j[0] == t) for t in group_traces}
-                prefixes = [traces[t][: longest[t]] for t in group_traces]
-                trace_kv, _ = self._prefill(prefixes, allow_empty=True)
-                for chunk_start in range(0, len(group), rows_per_group):
-                    chunk = group[chunk_start : chunk_start + rows_per_group]
-                    src = torch.tensor([local[j[0]] for j in chunk])
-                    keep = torch.tensor([j[2] for j in chunk])
-                    kv = trace_kv.truncated(src, keep)
-                    logits = self._extend(kv, [j[3] for j in chunk])
-                    branches = []
-                    for row, (t, b_idx, cached, suffix) in enumerate(chunk):
-                        context_len = cached + len(suffix)
-                        for s in range(k):
-                            branches.append(_Branch(row, (base, s) if params.seed is not None else (base, t, b_idx, s),
-                                                    context_len, self._budget(params, context_len)))
+            for group in _groups_by_trace(jobs, rows_per_batch):
+                # One prefill per trace of the group, as far as its furthest boundary needs.
+                group_traces = sorted({job.trace for job in group})
+                local = {t: row for row, t in enumerate(group_traces)}
+                longest = {t: max(job.cached for job in group if job.trace == t) for t in group_traces}
+                trace_kv, _ = self._prefill([traces[t][: longest[t]] for t in group_traces], allow_empty=True)
+                for start in range(0, len(group), rows_per_batch):
+                    chunk = group[start : start + rows_per_batch]
+                    kv = trace_kv.truncated(torch.tensor([local[job.trace] for job in chunk]),
+                                            torch.tensor([job.cached for job in chunk]))
+                    logits = self._extend(kv, [job.suffix for job in chunk])
+                    branches = [
+                        _Branch(row, self._stream(params, base, (job.trace, job.index), s),
+                                job.context_len, self._budget(params, job.context_len))
+                        for row, job in enumerate(chunk)
+                        for s in range(k)
+                    ]
                     results = self._decode_branches(kv, logits, branches, params)
-                    for row, (t, b_idx, _, _) in enumerate(chunk):
-                        out[t][b_idx] = results[row * k : (row + 1) * k]
+                    for row, job in enumerate(chunk):
+                        out[job.trace][job.index] = results[row * k : (row + 1) * k]
         return out
 
     def update_weights(self, weights: Any = None) -> None:
@@ -247,6 +268,12 @@ class HFEngine:
             return params.seed
         return int(torch.randint(0, 2**62, (1,)).item())  # torch.manual_seed makes this reproducible
 
+    @staticmethod
+    def _stream(params: SamplingParams, base: int, row: tuple[int, ...], sample: int) -> tuple[int, ...]:
+        """Names a branch's random stream: (seed, sample) when seeded, so sample j of every
+        prompt/boundary shares a stream (as vLLM seeds each request alike); otherwise unique per row."""
+        return (base, sample) if params.seed is not None else (base, *row, sample)
+
     def _budget(self, params: SamplingParams, context_len: int) -> int:
         if self.max_context_len is None:
             return params.max_new_tokens
@@ -312,8 +339,7 @@ class HFEngine:
 
     def _fork_rows(self, kv, logits, prefixes, params, n, base, first_index=0) -> list[list[Completion]]:
         branches = [
-            _Branch(r, (base, s) if params.seed is not None else (base, first_index + r, s),
-                    len(p), self._budget(params, len(p)))
+            _Branch(r, self._stream(params, base, (first_index + r,), s), len(p), self._budget(params, len(p)))
             for r, p in enumerate(prefixes)
             for s in range(n)
         ]
@@ -324,8 +350,11 @@ class HFEngine:
                          params: SamplingParams) -> list[Completion]:
         """Decode every branch (in batches of at most max_batch_size rows); in branch order."""
         results: list[Completion] = []
-        for start in range(0, len(branches), self.max_batch_size):
-            batch = branches[start : start + self.max_batch_size]
+        per_batch = self.max_batch_size
+        if self.max_kv_tokens is not None:
+            per_batch = min(per_batch, max(1, self.max_kv_tokens // (kv.length + max(b.budget for b in branches))))
+        for start in range(0, len(branches), per_batch):
+            batch = branches[start : start + per_batch]
             rows = torch.tensor([b.kv_row for b in batch])
             reserve = max(b.budget for b in batch)
             results.extend(self._decode(kv.select(rows, reserve), logits[rows.to(logits.device)], batch, params))
@@ -348,8 +377,8 @@ class HFEngine:
                 finish[i] = "length"
         live = [i for i in range(len(branches)) if finish[i] is None]
         if len(live) < len(branches):
-            keep = torch.tensor(live, dtype=torch.long)
-            kv, logits = kv.select(keep, steps), logits[keep.to(logits.device)]
+            kv.keep_rows_(live)
+            logits = logits[torch.tensor(live, device=logits.device)]
         step = 0
         while live:
             tokens, logprobs = sample_next(logits, params, uniforms[live, step])
@@ -370,10 +399,10 @@ class HFEngine:
             step += 1
             if not still:
                 break
-            if len(still) < len(live):
-                keep = torch.tensor([live.index(i) for i in still], dtype=torch.long)
-                kv = kv.select(keep, steps - step)
-                tokens = tokens[keep.to(tokens.device)]
+            if len(still) < len(live):  # finished rows leave the batch
+                keep = [live.index(i) for i in still]
+                kv.keep_rows_(keep)
+                tokens = tokens[torch.tensor(keep, device=tokens.device)]
             live = still
             ones = torch.ones(len(live), 1, dtype=torch.bool, device=tokens.device)
             logits = self._forward(kv, tokens[:, None], ones)
@@ -390,14 +419,14 @@ class HFEngine:
         return Completion(token_ids, text, logprobs, finish, prompt_len, stop_reason)
 
 
-def _groups_by_trace(jobs: list[tuple], rows_per_group: int) -> list[list[tuple]]:
-    """Split (trace, boundary, ...) jobs into groups of whole traces with at most
-    `rows_per_group` boundaries each (a trace with more boundaries forms its own group)."""
-    groups: list[list[tuple]] = []
-    current: list[tuple] = []
-    by_trace: dict[int, list[tuple]] = {}
+def _groups_by_trace(jobs: list[_BoundaryJob], rows_per_group: int) -> list[list[_BoundaryJob]]:
+    """Split boundary jobs into groups of whole traces with at most `rows_per_group` boundaries
+    each (a trace with more boundaries forms its own group, decoded in several batches)."""
+    groups: list[list[_BoundaryJob]] = []
+    current: list[_BoundaryJob] = []
+    by_trace: dict[int, list[_BoundaryJob]] = {}
     for job in jobs:
-        by_trace.setdefault(job[0], []).append(job)
+        by_trace.setdefault(job.trace, []).append(job)
     for trace_jobs in by_trace.values():
         if current and len(current) + len(trace_jobs) > rows_per_group:
             groups.append(current)

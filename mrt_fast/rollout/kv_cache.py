@@ -80,6 +80,18 @@ class BufferedLayer(DynamicLayer):
             self._kbuf, self._vbuf = self._kbuf[indices], self._vbuf[indices]
             self._expose()
 
+    def keep_rows_(self, keep: list[int]) -> None:
+        """Keep only rows `keep` (ascending), moving them down in place: no second buffer, so
+        dropping finished rows never doubles the cache's memory."""
+        if self._kbuf is None:
+            return
+        for dst, src in enumerate(keep):
+            if dst != src:  # src >= dst, so a row is read before anything overwrites it
+                self._kbuf[dst] = self._kbuf[src]
+                self._vbuf[dst] = self._vbuf[src]
+        self._kbuf, self._vbuf = self._kbuf[: len(keep)], self._vbuf[: len(keep)]
+        self._expose()
+
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self._kbuf is not None:
             self._kbuf = self._kbuf.repeat_interleave(repeats, dim=0)
@@ -129,6 +141,15 @@ class KVRows:
             vbuf[:, :, : self.length] = values[rows]
             layers.append(BufferedLayer(kbuf, vbuf, self.length, capacity_hint=self.length + reserve))
         return KVRows(layers, self.valid[rows], self.next_pos[rows])
+
+    def keep_rows_(self, keep: list[int]) -> None:
+        """Drop every row not in `keep` (ascending indices), in place."""
+        if sorted(keep) != list(keep) or len(set(keep)) != len(keep):
+            raise ValueError("keep must be ascending row indices without repeats")
+        for layer in self.layers:
+            layer.keep_rows_(keep)
+        index = torch.tensor(keep, dtype=torch.long, device=self.valid.device)
+        self.valid, self.next_pos = self.valid[index], self.next_pos[index]
 
     def truncated(self, rows: torch.Tensor, keep: torch.Tensor, reserve: int = 0) -> "KVRows":
         """A new cache whose row r holds the first `keep[r]` tokens of source row `rows[r]`.

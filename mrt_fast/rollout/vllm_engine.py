@@ -67,7 +67,9 @@ class VLLMEngine:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         vllm = _import_vllm()
         self._vllm = vllm
-        llm_kwargs.setdefault("logprobs_mode", "processed_logprobs")
+        self.model_path = model_path
+        if _engine_arg_exists(vllm, "logprobs_mode"):  # vLLM >= 0.10.2; older ones report raw log-probs
+            llm_kwargs.setdefault("logprobs_mode", "processed_logprobs")
         self.llm = vllm.LLM(
             model=model_path,
             tokenizer=tokenizer or model_path,
@@ -122,6 +124,7 @@ class VLLMEngine:
         engine = self.llm.llm_engine
         paths = (
             ("model_executor", "driver_worker", "worker", "model_runner", "model"),  # V1, in-process
+            ("engine_core", "engine_core", "model_executor", "driver_worker", "worker", "model_runner", "model"),
             ("model_executor", "driver_worker", "model_runner", "model"),  # V0
         )
         for path in paths:
@@ -157,6 +160,14 @@ class VLLMEngine:
         requests = [{"prompt_token_ids": p} for p in prompts]
         outputs = self.llm.generate(requests, self._to_vllm(params, n), use_tqdm=False)
         return [[_completion(o, len(p)) for o in out.outputs] for p, out in zip(prompts, outputs)]
+
+
+def _engine_arg_exists(vllm: Any, name: str) -> bool:
+    try:
+        from vllm.engine.arg_utils import EngineArgs
+    except ImportError:
+        return False
+    return name in getattr(EngineArgs, "__dataclass_fields__", {})
 
 
 def _completion(output: Any, prompt_len: int) -> Completion:

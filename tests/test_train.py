@@ -1,0 +1,168 @@
+"""The trainer's failure behaviour and its building blocks, in-process (a one-rank FSDP2 job).
+
+Multi-rank runs of every algorithm are in test_train_distributed.py.
+"""
+
+import json
+import math
+import os
+import random
+import signal
+
+import pytest
+import torch
+import transformers
+
+from mrt_fast import checkpoint, train
+from mrt_fast.config import parse_args
+from mrt_fast.data import build_tiny_tokenizer, tiny_model_config
+from mrt_fast.data.synthetic import generate_problems, sft_trace
+from mrt_fast.metrics import read_metrics
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train_inproc")
+    tok = build_tiny_tokenizer()
+    cfg = tiny_model_config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                            num_key_value_heads=2)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    rng = random.Random(0)
+    with open(root / "data.jsonl", "w") as f:
+        for p in generate_problems(16, seed=0, difficulty=3):
+            f.write(json.dumps({"prompt": p.prompt, "answer": p.answer, "response": sft_trace(p, rng)}) + "\n")
+    return root
+
+
+def sft_config(assets, out, steps=3, **extra):
+    argv = ["--model.path", str(assets / "model"), "--data.source", str(assets / "data.jsonl"),
+            "--algo.name", "sft", "--train.steps", str(steps), "--train.global_batch_size", "2",
+            "--train.mini_batch_size", "2", "--optim.lr", "1e-3", "--eval.num_problems", "0",
+            "--log.progress_bar", "false", "--checkpoint.every", "1", "--checkpoint.export_hf", "false",
+            "--output-dir", str(out)]
+    for key, value in extra.items():
+        argv += [f"--{key}", str(value)]
+    return parse_args(argv).config
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(assets, tmp_path, monkeypatch, capsys):
+    forward = train.Actor.forward
+    calls = {"n": 0}
+
+    def poisoned(self, batch, mode, **kw):  # fault injection: the second step's loss turns NaN
+        loss, metrics = forward(self, batch, mode, **kw)
+        calls["n"] += 1
+        return (loss * float("nan") if calls["n"] >= 2 else loss), metrics
+
+    monkeypatch.setattr(train.Actor, "forward", poisoned)
+    with pytest.raises(SystemExit) as exc:
+        train.run(sft_config(assets, tmp_path))
+    assert exc.value.code == 1
+    out = capsys.readouterr().out
+    assert "stopped at step 2: non-finite loss" in out and "step_1" in out
+    assert checkpoint.latest(tmp_path) == tmp_path / "checkpoints" / "step_1"
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step_1"]
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1]
+
+
+def test_non_finite_gradient_is_caught_before_the_update():
+    p = torch.nn.Parameter(torch.ones(3))
+    p.grad = torch.tensor([1.0, float("inf"), 0.0])
+    holder = torch.nn.Module()
+    holder.p = p
+    env = train.init_distributed()
+    try:
+        with pytest.raises(train.NonFiniteError, match="gradient norm"):
+            train.clip_and_check(holder, 1.0, {"actor/pg_loss": 0.5})
+        p.grad = torch.tensor([3.0, 4.0, 0.0])
+        assert train.clip_and_check(holder, 1.0, {"actor/pg_loss": 0.5}).item() == pytest.approx(5.0)
+        assert torch.linalg.vector_norm(p.grad).item() == pytest.approx(1.0, rel=1e-5)  # clipped
+        with pytest.raises(train.NonFiniteError, match="non-finite loss"):
+            train.clip_and_check(holder, 1.0, {"actor/pg_loss": math.nan})
+    finally:
+        train.destroy_distributed()
+    assert env.world_size == 1
+
+
+def test_ctrl_c_checkpoints_at_the_end_of_the_step_and_resume_continues(assets, tmp_path, monkeypatch):
+    sync = train.sync_engine
+    calls = {"n": 0}
+
+    def sync_then_interrupt(engine, actor):
+        sync(engine, actor)
+        calls["n"] += 1
+        if calls["n"] == 2:  # the first sync is at start-up; the second ends step 1
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(train, "sync_engine", sync_then_interrupt)
+    summary = train.run(sft_config(assets, tmp_path, steps=5, **{"checkpoint.every": 0}))
+    assert summary["status"] == "interrupted" and summary["step"] == 1
+    assert checkpoint.latest(tmp_path) == tmp_path / "checkpoints" / "step_1"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+
+    monkeypatch.setattr(train, "sync_engine", sync)
+    summary = train.run(sft_config(assets, tmp_path, steps=2, resume="auto", **{"checkpoint.every": 0}))
+    assert summary["status"] == "completed" and summary["step"] == 2
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"data.prompt_column": "question"}, r"has no column\(s\) \['question'\]"),
+    ({"data.source": "/no/such.jsonl"}, r"data.source='/no/such.jsonl' does not exist"),
+    ({"model.path": "/no/such/model"}, r"model.path='/no/such/model' does not exist"),
+])
+def test_bad_inputs_fail_before_any_compute(assets, tmp_path, override, message):
+    with pytest.raises(ValueError, match=message):
+        train.run(sft_config(assets, tmp_path, **override))
+    train.destroy_distributed()
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_unloadable_model_dir_and_incompatible_checkpoint(assets, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="cannot be loaded as an HF causal LM"):
+        train.run(sft_config(assets, tmp_path / "a", **{"model.path": tmp_path / "empty"}))
+    train.destroy_distributed()
+
+    # A checkpoint of another model: a wider copy of the tiny model.
+    tok = build_tiny_tokenizer()
+    wide = tiny_model_config(hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                             num_key_value_heads=2)
+    transformers.AutoModelForCausalLM.from_config(wide).save_pretrained(tmp_path / "wide")
+    tok.save_pretrained(tmp_path / "wide")
+    train.run(sft_config(assets, tmp_path / "run", steps=1))
+    with pytest.raises(checkpoint.CheckpointError, match="different model"):
+        train.run(sft_config(assets, tmp_path / "run", steps=2, resume="auto", **{"model.path": tmp_path / "wide"}))
+    train.destroy_distributed()
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1]  # nothing ran on the bad resume
+
+
+def test_data_stream_is_resumable_and_covers_every_example():
+    a = train.DataStream(5, seed=3, shuffle=True)
+    first = a.take(7)
+    assert sorted(first[:5]) == list(range(5))  # an epoch is a permutation
+    b = train.DataStream(5, seed=3, shuffle=True, position=4)
+    assert b.take(3) == first[4:7]
+    assert train.DataStream(4, seed=0, shuffle=False).take(6) == [0, 1, 2, 3, 0, 1]
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")
+def test_lr_schedule_warmup_then_cosine_or_constant():
+    model = torch.nn.Linear(2, 2)
+    cfg = parse_args(["--optim.lr", "1.0", "--train.steps", "10", "--optim.warmup_ratio", "0.2",
+                      "--optim.min_lr_ratio", "0.1"]).config
+    _, sched = train.build_optimizer(model, cfg)
+    lrs = []
+    for _ in range(10):
+        lrs.append(sched.get_last_lr()[0])
+        sched.step()
+    assert lrs[:2] == [0.5, 1.0]
+    assert lrs[2] == pytest.approx(1.0) and lrs[-1] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 7 / 8)))
+    assert all(x >= y for x, y in zip(lrs[1:], lrs[2:]))
+    cfg.optim.scheduler = "constant"
+    _, sched = train.build_optimizer(model, cfg)
+    for _ in range(5):
+        sched.step()
+    assert sched.get_last_lr()[0] == 1.0

@@ -15,7 +15,7 @@ w.r.t. the hidden states and the LM head, at the same shape:
 ``extra_info`` records TFLOP/s counted as 8*N*H*V (forward 2NHV + backward 6NHV with
 recomputation, the convention of the issue, whatever FLOPs an implementation really spends),
 the ratio of the time to ``lm_head_matmul`` at the same shape, and on CUDA the peak memory
-above the inputs. GPU shapes are bf16 and skip without CUDA (reason stated); the CPU shapes
+above the inputs and their gradients. GPU shapes are bf16 and skip without CUDA (reason stated); the CPU shapes
 are small, fp32, and run on the PyTorch paths.
 """
 
@@ -104,6 +104,9 @@ class Case:
         grad = torch.randn(self.hidden.shape[0], self.weight.shape[0], device=self.device, dtype=self.hidden.dtype)
         return lambda: (self.hidden @ self.weight.T).backward(grad)
 
+    def grad_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.hidden, self.weight))
+
     def run(self):
         self.hidden.grad = self.weight.grad = None
         self.step()
@@ -156,5 +159,6 @@ def test_loss_fwd_bwd(benchmark, bench_device, impl, device, n, h, v):
         device=bench_device, dtype="bf16" if device == "cuda" else "fp32", N=n, H=h, V=v,
         tflops_8nhv=8 * n * h * v / seconds / 1e12,
         ratio_to_lm_head_matmul=seconds / matmul_seconds(n, h, v, device, rounds),
-        peak_extra_mib=(torch.cuda.max_memory_allocated() - base) / 2**20 if device == "cuda" else None,
+        # Above the inputs and their gradients (dh, dW are outputs every implementation must hold).
+        peak_extra_mib=(torch.cuda.max_memory_allocated() - base - case.grad_bytes()) / 2**20 if device == "cuda" else None,
     )

@@ -17,7 +17,9 @@ Run: ``pytest bench/bench_packing.py`` (add ``--benchmark-json out.json`` to kee
 2. ``find_shared_prefixes`` core at ~1M tokens (128 prompts x 8 continuations, P=600, R=400,
    shuffled): native C++ vs the pure-Python reference, for token lists that share int objects
    (prompt lists concatenated, as a trainer builds them) and for lists of distinct int objects
-   (e.g. decoded from tensors). Target (issue 3): native >= 20x faster.
+   (e.g. decoded from tensors). Target (issue 3): native >= 20x faster. The public
+   ``find_shared_prefixes`` end to end is also timed: it adds validation and PrefixGroup
+   construction, Python-object work (every int object touched) that bounds its speedup.
 """
 
 from __future__ import annotations
@@ -30,8 +32,16 @@ import torch
 import transformers
 
 from mrt_fast.loss import token_logprobs
-from mrt_fast.packing import PrefixGroup, group_by_prefix_reference, native_available, pack, packed_hidden
-from mrt_fast.packing import prefix_finder
+import mrt_fast.packing.groups as groups_module
+from mrt_fast.packing import (
+    PrefixGroup,
+    find_shared_prefixes,
+    group_by_prefix_reference,
+    native_available,
+    pack,
+    packed_hidden,
+    prefix_finder,
+)
 
 HAS_CUDA = torch.cuda.is_available()
 NO_CUDA = "no CUDA device: the Qwen2-1.5B-shaped bf16 step (P=8192, G=8, R=1024) needs a GPU"
@@ -152,6 +162,21 @@ def test_prefix_finder_1m_tokens(benchmark, impl, distinct_objects, bench_device
     fn = prefix_finder._native.group_by_prefix if impl == "native" else group_by_prefix_reference
     benchmark.pedantic(fn, args=(seqs,), rounds=10 if impl == "native" else 3, iterations=1, warmup_rounds=1)
     benchmark.extra_info.update(device=bench_device, tokens=sum(map(len, seqs)), sequences=len(seqs))
+
+
+@pytest.mark.parametrize("distinct_objects", [False, True], ids=["shared_int_objects", "distinct_int_objects"])
+@pytest.mark.parametrize("impl", ["native", "python"])
+def test_find_shared_prefixes_end_to_end(benchmark, impl, distinct_objects, bench_device, monkeypatch):
+    """The public call: validation + grouping + PrefixGroup construction (Python object work included)."""
+    if impl == "native" and not native_available():
+        pytest.skip("mrt_fast._native is not built (python setup.py build_ext --inplace)")
+    if impl == "python":  # as installed without the extension: no native validation either
+        monkeypatch.setattr(prefix_finder, "_native", None)
+        monkeypatch.setattr(groups_module, "_native", None)
+    seqs = million_token_sequences(distinct_objects)
+    benchmark.pedantic(find_shared_prefixes, args=(seqs,), rounds=5 if impl == "native" else 3, iterations=1,
+                       warmup_rounds=1)
+    benchmark.extra_info.update(device=bench_device, tokens=sum(map(len, seqs)))
 
 
 @pytest.mark.skipif(not native_available(), reason="mrt_fast._native is not built")

@@ -41,12 +41,12 @@ def _threads():
 class Case:
     """A trace, its boundaries and the three ways to sample the branches."""
 
-    def __init__(self, engine: HFEngine, vocab: int, device: torch.device):
+    def __init__(self, engine: HFEngine, vocab: int, device: torch.device, prefix_len: int = P):
         gen = torch.Generator().manual_seed(0)
         self.engine = engine
         self.device = device
-        self.trace = torch.randint(3, vocab - 3, (P,), generator=gen).tolist()
-        self.bounds = [P * (j + 1) // B for j in range(B)]
+        self.trace = torch.randint(3, vocab - 3, (prefix_len,), generator=gen).tolist()
+        self.bounds = [prefix_len * (j + 1) // B for j in range(B)]
         self.contexts = [self.trace[:b] + TERMINATION for b in self.bounds]
         self.params = SamplingParams(temperature=0.6, top_p=0.95, max_new_tokens=A, ignore_eos=True, seed=0)
 
@@ -73,9 +73,13 @@ class Case:
 
 
 @pytest.fixture(scope="module")
-def cpu_case():
-    model = tiny_causal_lm("qwen2", hidden_size=64, num_layers=2, max_position_embeddings=4096)
-    return Case(HFEngine(model), vocab=100, device=torch.device("cpu"))
+def cpu_model():
+    return tiny_causal_lm("qwen2", hidden_size=64, num_layers=2, max_position_embeddings=4096)
+
+
+@pytest.fixture(scope="module")
+def cpu_case(cpu_model):
+    return Case(HFEngine(cpu_model), vocab=100, device=torch.device("cpu"))
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +91,8 @@ def gpu_case():
     config = Qwen2Config(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
                          num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa").cuda().eval()
+    with torch.device("cuda"):  # initialise on the GPU: 1.5B random parameters are slow on the CPU
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
     return Case(HFEngine(model), vocab=config.vocab_size, device=torch.device("cuda"))
 
 
@@ -131,3 +136,12 @@ def test_branching_speedup(benchmark, request, case_name):
           f"answer tokens/s reuse {B * K * A / reuse:.0f} vs recompute {B * K * A / recompute:.0f}")
     if case.device.type == "cpu":
         assert recompute / reuse >= 5.0
+
+
+@pytest.mark.parametrize("prefix_len", [512, 1024, 2048])
+def test_branching_prefix_reuse_scaling_in_P(benchmark, cpu_model, prefix_len):
+    """Reuse as the prefix grows (CPU): model work is P + B*k*A tokens, so only the prefill and the
+    answers' attention over the prefix grow with P -- compare the recompute row above."""
+    case = Case(HFEngine(cpu_model), vocab=100, device=torch.device("cpu"), prefix_len=prefix_len)
+    benchmark.group = f"meta-prover branching reuse vs P, B={B} k={K} A={A} (cpu)"
+    benchmark.pedantic(case.reuse, rounds=2, iterations=1, warmup_rounds=1)

@@ -1,5 +1,9 @@
 // mrt_fast._native: CPU-side hot spots of mrt-fast, in plain CPython C API (no build deps).
 //
+// first_invalid_token(tokens) -> index or -1
+//   Fast path of token-list validation (mrt_fast.packing.groups._check_token_list, whose Python
+//   loop is the reference and produces the error messages).
+//
 // group_by_prefix(sequences) -> [(shared_prefix_len, [input indices]), ...]
 //   The native core of mrt_fast.packing.find_shared_prefixes. It mirrors the pure-Python
 //   reference mrt_fast.packing.prefix_finder.group_by_prefix_reference step for step (same sort
@@ -282,7 +286,29 @@ PyObject* group_by_prefix(PyObject*, PyObject* arg) {
   return result;
 }
 
+// first_invalid_token(tokens: list) -> index of the first item that is not a non-negative exact
+// int, or -1. The fast path of token-list validation; Python builds the error message.
+PyObject* first_invalid_token(PyObject*, PyObject* arg) {
+  if (!PyList_Check(arg)) {
+    PyErr_SetString(PyExc_TypeError, "first_invalid_token expects a list");
+    return nullptr;
+  }
+  const Py_ssize_t n = PyList_GET_SIZE(arg);
+  PyObject** items = PySequence_Fast_ITEMS(arg);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    int64_t value;
+    // Exact ints only: bool (an int subclass) is never a token id.
+    if (!PyLong_CheckExact(items[i]) || !token_value(items[i], &value)) {
+      PyErr_Clear();
+      return PyLong_FromSsize_t(i);
+    }
+  }
+  return PyLong_FromLong(-1);
+}
+
 PyMethodDef methods[] = {
+    {"first_invalid_token", first_invalid_token, METH_O,
+     "first_invalid_token(tokens: list) -> index of the first item that is not a non-negative int, or -1."},
     {"group_by_prefix", group_by_prefix, METH_O,
      "group_by_prefix(sequences) -> [(shared_prefix_len, [input indices]), ...]\n\n"
      "Native core of mrt_fast.packing.find_shared_prefixes (same output as the Python reference)."},

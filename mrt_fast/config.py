@@ -128,11 +128,16 @@ class CheckpointConfig:
 
 @dataclass
 class EvalConfig:
-    num_problems: int = 32  # held-out problems for the short evaluation at the end (0: no eval)
-    samples: int = 1
+    """The short evaluation on held-out problems (``mrt_fast.eval``): accuracy, tokens, regret."""
+
+    num_problems: int = 32  # held-out problems (0: no evaluation)
+    samples: int = 1  # samples per problem
     max_new_tokens: int = 256
     temperature: float = 0.0  # 0 = greedy
+    meta_k: int = 4  # forced-termination answers per episode boundary, for J and regret
+    budgets: list[int] = field(default_factory=list)  # token budgets for normalised regret (default: max_new_tokens)
     every: int = 0  # also evaluate every N steps (0: only at the end)
+    before_training: bool = True  # evaluate the starting model too (logged as step 0)
 
 
 @dataclass
@@ -184,7 +189,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     for name in ("train.steps", "train.global_batch_size", "train.mini_batch_size",
                  "train.max_tokens_per_micro_batch", "rollout.n", "rollout.max_new_tokens",
                  "rollout.meta_k", "rollout.meta_max_new_tokens", "algo.ppo_epochs", "optim.lr",
-                 "checkpoint.keep_last", "eval.samples", "eval.max_new_tokens", "data.num_problems"):
+                 "checkpoint.keep_last", "eval.samples", "eval.meta_k", "eval.max_new_tokens", "data.num_problems"):
         section, key = name.split(".")
         _positive(name, getattr(getattr(cfg, section), key))
     for name in ("optim.weight_decay", "optim.grad_clip", "optim.warmup_ratio", "optim.min_lr_ratio",
@@ -193,6 +198,8 @@ def validate(cfg: RunConfig) -> RunConfig:
                  "eval.temperature", "rollout.temperature", "rollout.meta_temperature"):
         section, key = name.split(".")
         _positive(name, getattr(getattr(cfg, section), key), allow_zero=True)
+    if any(b <= 0 for b in cfg.eval.budgets):
+        raise ValueError(f"eval.budgets must be positive token counts, got {cfg.eval.budgets}")
     if cfg.optim.warmup_ratio > 1 or cfg.optim.min_lr_ratio > 1:
         raise ValueError("optim.warmup_ratio and optim.min_lr_ratio must lie in [0, 1]")
     if cfg.train.global_batch_size % cfg.train.mini_batch_size:
@@ -263,6 +270,10 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     elif base is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
+    elif typing.get_origin(base) is list:
+        (item,) = typing.get_args(base)
+        if isinstance(value, (list, tuple)):
+            return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
     raise TypeError(f"{key} expects {getattr(base, '__name__', base)}"
                     f"{' or null' if optional else ''}, got {value!r} ({type(value).__name__})")
 

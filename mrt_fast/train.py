@@ -18,6 +18,7 @@ With no arguments it runs the embedded default job: the tiny warm-started model 
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import random
@@ -539,25 +540,36 @@ def check_rank_consistency(model: nn.Module, step: int) -> str:
 
 def evaluate(cfg: RunConfig, engine: Any, tokenizer: Any, examples: Sequence[Example], grader: Any,
              env: DistEnv) -> dict[str, float]:
-    """Accuracy and mean response length on this rank's share of ``examples`` (reduced over ranks)."""
-    from mrt_fast.rollout import SamplingParams
+    """Short evaluation through ``mrt_fast.eval``: accuracy, mean response tokens, the meta-prover's
+    ``J`` along each trace and normalised regret at ``eval.budgets`` (each rank evaluates a share of
+    ``examples``; scalars are reduced over ranks)."""
+    from mrt_fast.data import extract_boxed
+    from mrt_fast.eval.runner import EvalSettings, evaluate as run_eval
+    from mrt_fast.mrt.progress import termination_token_ids
 
     mine = list(examples)[env.rank::env.world_size]
-    if not mine:
-        return reduce_mean({"eval/accuracy": 0.0, "eval/response_length/mean": 0.0},
-                           {"eval/accuracy": 0.0, "eval/response_length/mean": 0.0})
-    params = SamplingParams(temperature=cfg.eval.temperature, max_new_tokens=cfg.eval.max_new_tokens,
-                            stop_token_ids=[tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [],
-                            seed=cfg.train.seed + env.rank)
-    outs = engine.generate([prompt_token_ids(tokenizer, ex.prompt) for ex in mine], params, n=cfg.eval.samples)
-    correct, lengths = [], []
-    for ex, samples in zip(mine, outs):
-        for c in samples:
-            correct.append(float(grader(c.text, ex.answer)))
-            lengths.append(float(len(c.token_ids)))
-    n = len(correct)
-    return reduce_mean({"eval/accuracy": sum(correct) / n, "eval/response_length/mean": sum(lengths) / n},
-                       {"eval/accuracy": n, "eval/response_length/mean": n})
+    values: dict[str, float] = {}
+    if mine:
+        e = cfg.eval
+        params = sampling_params(cfg, tokenizer, cfg.train.seed + env.rank)
+        params.temperature, params.max_new_tokens = e.temperature, e.max_new_tokens
+        settings = EvalSettings(params=params, meta_params=sampling_params(cfg, tokenizer, cfg.train.seed, meta=True),
+                                n=e.samples, ks=(1,), meta_k=e.meta_k, regret_samples=1,
+                                budgets=tuple(e.budgets) if e.budgets else (e.max_new_tokens,))
+        result = run_eval(engine, tokenizer, [prompt_token_ids(tokenizer, ex.prompt) for ex in mine],
+                          [ex.answer for ex in mine], grader=grader, termination_ids=termination_token_ids(tokenizer),
+                          settings=settings, extract=_extract_answer)
+        values = {"eval/accuracy": result["pass@1"], "eval/response_length/mean": result["mean_tokens"],
+                  "eval/J_at_empty_prefix": result["J_at_empty_prefix"],
+                  "eval/J_at_end_of_thinking": result["J_at_end_of_thinking"],
+                  **{f"eval/regret@{b}": v for b, v in result["regret"].items()}}
+    return reduce_mean(values, {k: float(len(mine)) for k in values})
+
+
+def _extract_answer(text: str) -> Optional[str]:
+    from mrt_fast.data import extract_boxed
+
+    return extract_boxed(text)
 
 
 # ============================================================================================
@@ -613,7 +625,7 @@ def run(cfg: RunConfig, *, export_only: bool = False) -> dict[str, Any]:
     world_batch_check(cfg, env.world_size)
     run_dir = resolve_run_dir(cfg, env)
     say = print if env.is_main else (lambda *a, **k: None)
-    if env.is_main:
+    if env.is_main and not export_only:
         save_config(cfg, run_dir / "config.yaml")
     torch.manual_seed(cfg.train.seed + env.rank)
     random.seed(cfg.train.seed + env.rank)
@@ -647,6 +659,7 @@ def run(cfg: RunConfig, *, export_only: bool = False) -> dict[str, Any]:
 
     if export_only:
         path = export(run_dir, actor, rollout_model, tokenizer, env, name=f"hf-step_{step}")
+        say(f"[mrt_fast.train] HF export of step {step}: {path}")
         destroy_distributed()
         return {"run_dir": str(run_dir), "hf_export": str(path), "step": step}
 
@@ -660,6 +673,10 @@ def run(cfg: RunConfig, *, export_only: bool = False) -> dict[str, Any]:
     n_params = sum(p.numel() for p in actor.parameters())
     last_metrics: dict[str, Any] = {}
     status = "completed"
+    initial_eval = None
+    if cfg.eval.before_training and eval_examples and step == 0:
+        initial_eval = evaluate(cfg, engine, tokenizer, eval_examples, grader, env)
+        writer.log(0, initial_eval)
     try:
         while step < cfg.train.steps:
             t0 = time.perf_counter()
@@ -735,6 +752,11 @@ def run(cfg: RunConfig, *, export_only: bool = False) -> dict[str, Any]:
             result = evaluate(cfg, engine, tokenizer, eval_examples, grader, env)
             writer.log(step, result)
             summary["eval"] = result
+            if initial_eval is not None:
+                summary["eval_before"] = initial_eval
+            if env.is_main:
+                (run_dir / "eval.json").write_text(json.dumps(
+                    {"before": initial_eval, "after": result, "step": step}, indent=2) + "\n")
     writer.close()
     summary["last_metrics"] = {k: v for k, v in last_metrics.items() if isinstance(v, float)}
     if env.is_main:
@@ -766,9 +788,15 @@ def _print_summary(summary: dict[str, Any]) -> None:
     if "hf_export" in summary:
         lines.append(f"  HF export     : {summary['hf_export']}")
     if "eval" in summary:
-        ev = summary["eval"]
-        lines.append(f"  evaluation    : accuracy {ev['eval/accuracy']:.3f}, "
-                     f"mean response tokens {ev['eval/response_length/mean']:.1f}")
+        def describe(ev: dict) -> str:
+            regret = ", ".join(f"regret@{k.split('@')[1]} {v:.3f}" for k, v in ev.items() if k.startswith("eval/regret@"))
+            return (f"accuracy {ev['eval/accuracy']:.3f}, mean response tokens "
+                    f"{ev['eval/response_length/mean']:.1f}" + (f", {regret}" if regret else ""))
+
+        if "eval_before" in summary:
+            lines.append(f"  eval (start)  : {describe(summary['eval_before'])}")
+        lines.append(f"  eval (end)    : {describe(summary['eval'])}")
+        lines.append(f"  eval summary  : {Path(summary['run_dir']) / 'eval.json'}")
     print("\n".join(lines), flush=True)
 
 

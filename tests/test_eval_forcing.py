@@ -8,7 +8,7 @@ from mrt_fast.data import THINK_END, build_tiny_tokenizer
 from mrt_fast.data.synthetic import generate_problems, sft_trace
 from mrt_fast.data.tiny_model import tiny_model_config
 from mrt_fast.eval.runner import EvalSettings, _budget_forcing, _strip_tail
-from mrt_fast.mrt.plans import episode_trace
+from mrt_fast.mrt.episodes import episode_trace
 from mrt_fast.rollout import HFEngine, SamplingParams
 
 

@@ -14,6 +14,7 @@ from mrt_fast.mrt.episodes import (
     thinking_span,
     token_episode_ids,
     decode_with_offsets,
+    episode_trace,
     tokenize_episodes,
 )
 
@@ -176,6 +177,19 @@ def test_decode_with_offsets_keeps_split_multibyte_characters_whole(bpe_tokenize
     text, offsets = decode_with_offsets(bpe_tokenizer, ids)
     assert text == "a é b" and offsets[-1][1] == len(text)
     assert "".join(text[s:e] for s, e in offsets) == text
+
+
+def test_episode_trace_of_sampled_ids(bpe_tokenizer):
+    full = "<think>\n" + TRACE + "\n</think>\n\n\\boxed{42}"
+    ids, episode_ids = tokenize_episodes(bpe_tokenizer, full)
+    tr = episode_trace(bpe_tokenizer, ids)
+    assert tr.episode_ids == episode_ids and tr.text == full
+    assert tr.episode_ends == [episode_ids.count(e) + sum(episode_ids.count(f) for f in range(e)) for e in range(4)]
+    assert bpe_tokenizer.decode(ids[tr.think_end:]).startswith("</think>")
+    assert bpe_tokenizer.decode(ids[: tr.think_end]).endswith("all agree.\n")
+    assert tr.meta_boundaries() == [0] + tr.episode_ends[:3] + [tr.think_end]
+    truncated = episode_trace(bpe_tokenizer, ids[: tr.episode_ends[1] + 2])  # no </think>: all thinking
+    assert truncated.think_end == len(truncated.token_ids) and truncated.num_episodes == 2
 
 
 def test_tokenizer_without_offsets_is_a_clear_error(bpe_tokenizer):

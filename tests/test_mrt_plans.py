@@ -14,7 +14,8 @@ import torch
 from mrt_fast.data import build_tiny_tokenizer, grade
 from mrt_fast.data.synthetic import generate_problems, sft_trace
 from mrt_fast.data.tiny_model import tiny_model_config
-from mrt_fast.mrt.plans import episode_trace, grpo_plan, mrt_online_plan, mrt_rl_plan, mrt_star_plan
+from mrt_fast.mrt.episodes import episode_trace
+from mrt_fast.mrt.plans import grpo_plan, mrt_online_plan, mrt_rl_plan, mrt_star_plan
 from mrt_fast.mrt.progress import progress_from_J, run_meta_prover, termination_token_ids
 from mrt_fast.packing import pack
 from mrt_fast.rollout import HFEngine, SamplingParams

@@ -102,7 +102,16 @@ def test_group_kept_whole_unless_it_exceeds_budget():
 # --- bad input ---------------------------------------------------------------------------------
 
 
-def test_prefix_group_errors():
+@pytest.mark.parametrize("native_check", [True, False], ids=["native_check", "python_check"])
+def test_prefix_group_errors(native_check, monkeypatch):
+    import mrt_fast.packing.groups as groups_module
+
+    if not native_check:
+        monkeypatch.setattr(groups_module, "_native", None)
+    assert PrefixGroup([0, 5], [[7]]).prefix == [0, 5]
+    import numpy as np
+
+    assert PrefixGroup([np.int64(3), np.int64(4)], [[np.int64(7)]]).prefix == [3, 4]  # numpy ints become ints
     with pytest.raises(ValueError, match="continuations is empty"):
         PrefixGroup([1], [])
     with pytest.raises(ValueError, match=r"continuations\[1\] is empty"):

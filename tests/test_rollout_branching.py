@@ -81,8 +81,11 @@ def test_generic_path_through_fork_agrees(engine):
     assert ids(direct) == ids(generic)
 
 
-def test_small_batches_and_prefill_chunks_give_the_same_answers(engine):
+def test_small_batches_prefill_chunks_and_copied_prefixes_give_the_same_answers(engine):
     params = SamplingParams(temperature=1.0, max_new_tokens=5, seed=3)
+    copied = HFEngine(engine.model, shared_prefix_decoding=False)
+    assert ids(branch_at_boundaries(copied, TRACES, BOUNDARIES, TERMINATION, params, k=3)) == \
+        ids(branch_at_boundaries(engine, TRACES, BOUNDARIES, TERMINATION, params, k=3))
     small = HFEngine(engine.model, max_batch_size=4, prefill_chunk_tokens=16)
     assert ids(branch_at_boundaries(small, TRACES, BOUNDARIES, TERMINATION, params, k=3)) == \
         ids(branch_at_boundaries(engine, TRACES, BOUNDARIES, TERMINATION, params, k=3))

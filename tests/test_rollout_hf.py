@@ -199,3 +199,17 @@ def test_engine_rejects_sliding_window_models():
     model = AutoModelForCausalLM.from_config(config)
     with pytest.raises(ValueError, match="full-attention"):
         HFEngine(model)
+
+
+def test_shared_prefix_decoding_equals_copying_the_prefix_into_every_branch(model):
+    """Branches of one context read its KV through shared-prefix attention by default; the same
+    samples and log-probs (fp32, 1e-5) come out of the plain path that copies the KV per branch."""
+    params = SamplingParams(temperature=0.9, top_k=40, max_new_tokens=10, seed=8)
+    shared = HFEngine(model).generate(PROMPTS, params, n=3)
+    copied = HFEngine(model, shared_prefix_decoding=False).generate(PROMPTS, params, n=3)
+    assert [[c.token_ids for c in r] for r in shared] == [[c.token_ids for c in r] for r in copied]
+    for r1, r2 in zip(shared, copied):
+        for a, b in zip(r1, r2):
+            torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
+    # The attention implementation is the model's own again afterwards.
+    assert model.config._attn_implementation == "sdpa"

@@ -107,6 +107,12 @@ def test_ctrl_c_checkpoints_at_the_end_of_the_step_and_resume_continues(assets, 
     assert summary["status"] == "completed" and summary["step"] == 2
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
 
+    # --export-only: an HF export of the latest checkpoint, no training
+    summary = train.run(sft_config(assets, tmp_path, resume="auto"), export_only=True)
+    exported = transformers.AutoModelForCausalLM.from_pretrained(summary["hf_export"])
+    assert summary["step"] == 2 and exported.config.hidden_size == 32
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
+
 
 @pytest.mark.parametrize("override, message", [
     ({"data.prompt_column": "question"}, r"has no column\(s\) \['question'\]"),

@@ -81,6 +81,7 @@ VERL_NAMES = ("reward/mean", "reward/progress/mean", "response_length/mean", "ac
               "perf/throughput", "timing_s/gen", "timing_s/update_actor", "packing/prefix_dedup_ratio")
 
 
+@pytest.mark.slow
 def test_mrt_rl_two_ranks_and_resume_gives_the_same_next_step(assets, tmp_path):
     full = tmp_path / "full"
     proc = launch(common_args(assets, full, "mrt-rl", 3) + ["--checkpoint.every", "1", "--checkpoint.keep_last", "3"])
@@ -104,6 +105,7 @@ def test_mrt_rl_two_ranks_and_resume_gives_the_same_next_step(assets, tmp_path):
         assert again[0][key] == rows[2][key], key
 
 
+@pytest.mark.slow
 def test_sft_two_ranks_equal_one_rank(assets, tmp_path):
     """The gradient of every parameter (lm_head.weight included, which the fused loss reads outside
     the model's own forward) is reduced over ranks: 2 ranks x 2 prompts == 1 rank x 4 prompts."""

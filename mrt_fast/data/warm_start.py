@@ -143,8 +143,12 @@ def task_accuracy(
     return sum(grade(r, p.answer, kind=GRADER_KIND) for r, p in zip(responses, problems)) / len(problems)
 
 
-def train(cfg: WarmStartConfig, *, log=print):
-    """Run the warm-start SFT; returns ``(model, tokenizer, history)``."""
+def train(cfg: WarmStartConfig, *, log=print, snapshot_dir: str | Path | None = None):
+    """Run the warm-start SFT; returns ``(model, tokenizer, history)``.
+
+    With ``cfg.eval_every``, the model is also evaluated (and saved under ``snapshot_dir``,
+    if given) every ``eval_every`` steps; neither changes the training itself.
+    """
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(cfg.threads)
@@ -186,6 +190,9 @@ def train(cfg: WarmStartConfig, *, log=print):
             accuracy = task_accuracy(model, tokenizer, probe, max_new_tokens=cfg.max_new_tokens)
             history[-1]["accuracy_t1"] = accuracy
             log(f"step {step + 1}: accuracy at T=1 on 64 problems {accuracy:.3f}")
+            if snapshot_dir is not None:
+                model.save_pretrained(Path(snapshot_dir) / f"step{step + 1}")
+                tokenizer.save_pretrained(Path(snapshot_dir) / f"step{step + 1}")
             model.train()
     model.eval()
     return model, tokenizer, history
@@ -203,8 +210,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help='JSON object of Qwen2Config fields, e.g. \'{"num_hidden_layers": 2}\'')
     args = parser.parse_args(argv)
     cfg = WarmStartConfig(**{k: v for k, v in vars(args).items() if k != "out"})
-    model, tokenizer, history = train(cfg)
     out = Path(args.out)
+    model, tokenizer, history = train(cfg, snapshot_dir=out / "snapshots" if cfg.eval_every else None)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)

@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 
 from mrt_fast.data.chat import PARAGRAPH_SEP, THINK_END
 from mrt_fast.eval.metrics import curve_on_grid, maj_at_k, normalized_regret, pass_at_k
-from mrt_fast.mrt.plans import episode_trace
+from mrt_fast.mrt.episodes import episode_trace
 from mrt_fast.mrt.progress import Grader, check_k, run_meta_prover
 
 FORCING_CUE = "Wait"

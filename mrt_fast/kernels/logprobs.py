@@ -122,14 +122,18 @@ class ChunkedTorchLogprobs(torch.autograd.Function):
         return dh, dw, db, None, None, None
 
 
-def triton_block_sizes(device: torch.device, dtype: torch.dtype) -> tuple[int, int, int, bool]:
-    """(BLOCK_N, BLOCK_V, BLOCK_H, UPCAST) for the log-prob kernels."""
+def triton_block_sizes(device: torch.device, dtype: torch.dtype) -> tuple[int, int, int, bool, str]:
+    """(BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, DOT_PRECISION) for the log-prob kernels."""
     from .backend import interpreter_block_sizes, triton_interpreting
 
+    # fp32 dots follow torch's global knob, so this kernel is as exact as torch's matmuls are;
+    # for 16-bit operands the setting has no effect and stays at Triton's default.
+    full_fp32 = dtype in (torch.float32, torch.float64) and torch.get_float32_matmul_precision() == "highest"
+    precision = "ieee" if full_fp32 else "tf32"
     if triton_interpreting():
-        return (*interpreter_block_sizes(), True)
+        return (*interpreter_block_sizes(), True, precision)
     # GPU: 64x128 logits tile, 64-wide K slices; fp64 operands are cast to fp32 (fp32 accumulation anyway).
-    return 64, 128, 64, dtype == torch.float64
+    return 64, 128, 64, dtype == torch.float64, precision
 
 
 class TritonLogprobs(torch.autograd.Function):
@@ -140,7 +144,7 @@ class TritonLogprobs(torch.autograd.Function):
         hidden, weight = hidden.contiguous(), weight.contiguous()
         N, H = hidden.shape
         V = weight.shape[0]
-        BN, BV, BH, upcast = triton_block_sizes(hidden.device, hidden.dtype)
+        BN, BV, BH, upcast, precision = triton_block_sizes(hidden.device, hidden.dtype)
         logp = torch.empty(N, dtype=torch.float32, device=hidden.device)
         entropy, lse = torch.empty_like(logp), torch.empty_like(logp)
         grid = (triton_cdiv(N, BN),)
@@ -148,6 +152,7 @@ class TritonLogprobs(torch.autograd.Function):
             hidden, weight, bias if bias is not None else weight, targets, logp, entropy, lse,
             N, V, H, hidden.stride(0), weight.stride(0), 1.0 / temperature,
             HAS_BIAS=bias is not None, BLOCK_N=BN, BLOCK_V=BV, BLOCK_H=BH, UPCAST=upcast,
+            DOT_PRECISION=precision,
         )
         ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
         ctx.temperature = temperature
@@ -163,8 +168,9 @@ class TritonLogprobs(torch.autograd.Function):
         zeros = torch.zeros_like(lse)
         grad_logp = zeros if grad_logp is None else grad_logp.float().contiguous()
         grad_entropy = zeros if grad_entropy is None else grad_entropy.float().contiguous()
-        BN, BV, BH, upcast = triton_block_sizes(hidden.device, hidden.dtype)
-        common = dict(HAS_BIAS=bias is not None, BLOCK_N=BN, BLOCK_V=BV, BLOCK_H=BH, UPCAST=upcast)
+        BN, BV, BH, upcast, precision = triton_block_sizes(hidden.device, hidden.dtype)
+        common = dict(HAS_BIAS=bias is not None, BLOCK_N=BN, BLOCK_V=BV, BLOCK_H=BH, UPCAST=upcast,
+                      DOT_PRECISION=precision)
         b = bias if bias is not None else weight
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         dh = dw = db = None

@@ -16,8 +16,9 @@ policy loss (6*N*H*V), which computes the gradients eagerly in its forward.
 Numerics: fp32 accumulation everywhere; the running max starts at -inf and columns past V are
 -inf, so they contribute exp(-inf) = 0; offsets are int64 (N*H and V*H exceed 2**31 at real
 sizes); grids are 1-D over token blocks (forward, dh) or vocab blocks (dW), so there is no
-65,535 limit. On a GPU an fp32 ``tl.dot`` runs in tf32 (~3e-4 relative error); bf16/fp16 operands
-go to tensor cores with fp32 accumulation. Under ``TRITON_INTERPRET=1`` ``UPCAST`` turns every dot
+65,535 limit. fp32 operands follow ``torch.get_float32_matmul_precision()`` like torch's own
+matmuls ("highest", the default: full fp32 via ``input_precision="ieee"``; "high"/"medium":
+tf32, ~3e-4 relative error); bf16/fp16 operands go to tensor cores with fp32 accumulation. Under ``TRITON_INTERPRET=1`` ``UPCAST`` turns every dot
 operand into fp32, because the interpreter's bf16 ``tl.dot`` returns wrong values (DESIGN.md §5).
 """
 
@@ -31,7 +32,7 @@ import triton.language as tl
 def _logits_tile(
     h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, H, stride_h, stride_w, inv_temp,
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Tempered logits ``(h[rows] @ w[cols].T + b[cols]) / T`` as fp32, -inf in columns >= V."""
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
@@ -43,7 +44,7 @@ def _logits_tile(
         if UPCAST:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
-        acc = tl.dot(a, tl.trans(b), acc)
+        acc = tl.dot(a, tl.trans(b), acc, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     return tl.where(col_mask[None, :], acc * inv_temp, float("-inf"))
@@ -69,7 +70,7 @@ def logprobs_fwd_kernel(
     h_ptr, w_ptr, b_ptr, tgt_ptr, logp_ptr, ent_ptr, lse_ptr,
     N, V, H, stride_h, stride_w, inv_temp,
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     row_mask = rows < N
@@ -82,7 +83,7 @@ def logprobs_fwd_kernel(
         cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
         col_mask = cols < V
         z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, H, stride_h, stride_w, inv_temp,
-                         HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, UPCAST)
+                         HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, DOT_PRECISION)
         z_tgt += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), axis=1)
         m_new = tl.maximum(m, tl.max(z, axis=1))
         # Rescale the running sums to the new max; on the first tile m = -inf and s = t = 0.
@@ -105,7 +106,7 @@ def logprobs_bwd_dh_kernel(
     h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, ent_ptr, glogp_ptr, gent_ptr, dh_ptr,
     N, V, H, stride_h, stride_w, stride_dh, inv_temp,
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """dh[rows] = sum over vocab tiles of dlogits_tile @ W[tile]; this program owns its rows of dh (fp32)."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
@@ -119,7 +120,7 @@ def logprobs_bwd_dh_kernel(
         cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
         col_mask = cols < V
         z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, H, stride_h, stride_w, inv_temp,
-                         HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, UPCAST)
+                         HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, DOT_PRECISION)
         dz = _dlogits_tile(z, cols, col_mask, tgt, lse, ent, g_logp, g_ent, inv_temp)
         if not UPCAST:
             dz = dz.to(w_ptr.dtype.element_ty)  # tensor-core operand; accumulation stays fp32
@@ -132,7 +133,7 @@ def logprobs_bwd_dh_kernel(
             out = dh_ptr + rows[:, None] * stride_dh + ks[None, :]
             out_mask = row_mask[:, None] & k_mask[None, :]
             acc = tl.load(out, mask=out_mask, other=0.0)
-            acc = tl.dot(dz, w, acc)
+            acc = tl.dot(dz, w, acc, input_precision=DOT_PRECISION)
             tl.store(out, acc, mask=out_mask)
 
 
@@ -141,7 +142,7 @@ def logprobs_bwd_dw_kernel(
     h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, ent_ptr, glogp_ptr, gent_ptr, dw_ptr, db_ptr,
     N, V, H, stride_h, stride_w, stride_dw, inv_temp,
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """dW[cols] = sum over token tiles of dlogits_tile.T @ h[tile]; this program owns its rows of dW (fp32)."""
     cols = tl.program_id(0).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
@@ -156,7 +157,7 @@ def logprobs_bwd_dw_kernel(
         g_logp = tl.load(glogp_ptr + rows, mask=row_mask, other=0.0)
         g_ent = tl.load(gent_ptr + rows, mask=row_mask, other=0.0)
         z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, H, stride_h, stride_w, inv_temp,
-                         HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, UPCAST)
+                         HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, DOT_PRECISION)
         # Rows past N have g = 0, so their dz is 0 and they add nothing.
         dz = _dlogits_tile(z, cols, col_mask, tgt, lse, ent, g_logp, g_ent, inv_temp)
         db += tl.sum(dz, axis=0)
@@ -171,7 +172,7 @@ def logprobs_bwd_dw_kernel(
             out = dw_ptr + cols[:, None] * stride_dw + ks[None, :]
             out_mask = col_mask[:, None] & k_mask[None, :]
             acc = tl.load(out, mask=out_mask, other=0.0)
-            acc = tl.dot(tl.trans(dz), h, acc)
+            acc = tl.dot(tl.trans(dz), h, acc, input_precision=DOT_PRECISION)
             tl.store(out, acc, mask=out_mask)
     if HAS_BIAS:
         tl.store(db_ptr + cols, db, mask=col_mask)

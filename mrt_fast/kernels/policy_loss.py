@@ -162,8 +162,11 @@ class FusedPolicyLossFunction(torch.autograd.Function):
     """Forward computes loss, per-token outputs and (eagerly) dh, dW, db; backward scales them."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, inp: TokenInputs, cfg: PolicyConfig, backend: str, chunk_size):
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+    def forward(ctx, hidden, weight, bias, inp: TokenInputs, cfg: PolicyConfig, backend: str, chunk_size,
+                grad_enabled: bool):
+        # needs_input_grad stays True under torch.no_grad(); the caller's grad mode says whether
+        # anyone will call backward, and without it the forward skips 4 of its 6 N*H*V FLOPs.
+        need_h, need_w, need_b = (grad_enabled and need for need in ctx.needs_input_grad[:3])
         need_grad = need_h or need_w or need_b
         N, V = hidden.shape[0], weight.shape[0]
         # The Triton kernels accumulate in fp32 whatever the input; the PyTorch path keeps fp64 inputs in fp64.
@@ -209,7 +212,7 @@ class FusedPolicyLossFunction(torch.autograd.Function):
             return g if torch.equal(grad_loss, torch.ones_like(grad_loss)) else g * grad_loss.to(g.dtype)
 
         db = scaled(db)
-        return scaled(dh), scaled(dw), None if db is None else db.to(ctx.bias_dtype), None, None, None, None
+        return scaled(dh), scaled(dw), None if db is None else db.to(ctx.bias_dtype), None, None, None, None, None
 
 
 def fused_policy_loss_core(hidden, weight, bias, inp: TokenInputs, cfg: PolicyConfig, *, backend: str,
@@ -218,5 +221,6 @@ def fused_policy_loss_core(hidden, weight, bias, inp: TokenInputs, cfg: PolicyCo
 
     The dict holds detached ``[N]`` tensors: logprobs, entropy, kl, clip_low, clip_high, clip_dual.
     """
-    loss, *per_token = FusedPolicyLossFunction.apply(hidden, weight, bias, inp, cfg, backend, chunk_size)
+    loss, *per_token = FusedPolicyLossFunction.apply(hidden, weight, bias, inp, cfg, backend, chunk_size,
+                                                     torch.is_grad_enabled())
     return loss, dict(zip(("logprobs", "entropy", "kl", "clip_low", "clip_high", "clip_dual"), per_token))

@@ -16,6 +16,8 @@ from mrt_fast.mrt.advantages import (
 from mrt_fast.mrt.episodes import (
     DEFAULT_CUES,
     EpisodeSplitter,
+    EpisodeTrace,
+    episode_trace,
     make_splitter,
     response_episodes,
     split_episodes,
@@ -24,10 +26,8 @@ from mrt_fast.mrt.episodes import (
     tokenize_episodes,
 )
 from mrt_fast.mrt.plans import (
-    EpisodeTrace,
     RLPlan,
     SFTExample,
-    episode_trace,
     grpo_plan,
     mrt_online_plan,
     mrt_rl_plan,

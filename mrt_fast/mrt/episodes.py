@@ -19,13 +19,17 @@ episode id per token (a token that straddles a boundary belongs to the episode i
 boundary then falls on the next token). :func:`encode_with_offsets` gets those offsets from a fast
 tokenizer for text it encodes, :func:`decode_with_offsets` for token ids a sampler produced.
 
+:func:`episode_trace` does all of this for a sampled response: an :class:`EpisodeTrace` with every
+token's episode, the token offset where each episode ends and where ``</think>`` starts.
+
 The splitter is pluggable: anything matching :class:`EpisodeSplitter` (``text -> spans``) can replace
 :func:`split_episodes`, e.g. the paper's second parameterisation ("Backtrack to Line N" episodes).
 """
 
 from __future__ import annotations
 
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
+from dataclasses import dataclass
 from typing import Any, Protocol, Sequence
 
 from mrt_fast.data.chat import CUES, PARAGRAPH_SEP, THINK_END, THINK_START
@@ -270,3 +274,42 @@ def tokenize_episodes(
     ids, offsets = encode_with_offsets(tokenizer, text)
     spans = response_episodes(text) if spans is None else spans
     return ids, token_episode_ids(spans, offsets)
+
+
+@dataclass
+class EpisodeTrace:
+    """A response's tokens with their episodes.
+
+    ``episode_ids[t]`` is the (trace-local) episode of token ``t``; ``episode_ends[j]`` the number of
+    tokens in episodes ``0..j``; ``think_end`` the number of tokens before ``</think>`` (all of them
+    for a trace truncated at the budget).
+    """
+
+    token_ids: list[int]
+    text: str
+    episode_ids: list[int]
+    episode_ends: list[int]
+    think_end: int
+
+    @property
+    def num_episodes(self) -> int:
+        return len(self.episode_ends)
+
+    def meta_boundaries(self) -> list[int]:
+        """Token offsets where ``J`` is measured: the empty prefix and after each thinking episode.
+
+        The last episode holds the answer too; its boundary is where thinking ends (``</think>``).
+        """
+        inner = [0] + self.episode_ends[:-1]
+        return inner + [max(self.think_end, inner[-1])]
+
+
+def episode_trace(tokenizer: Any, token_ids: Sequence[int], splitter: EpisodeSplitter | None = None) -> EpisodeTrace:
+    """Split a sampled response (token ids after the prompt) into episodes at token granularity."""
+    text, offsets = decode_with_offsets(tokenizer, token_ids)
+    spans = response_episodes(text, splitter)
+    ids = token_episode_ids(spans, offsets)
+    ends = episode_token_boundaries(ids, len(spans))
+    think_end_char = thinking_span(text)[1]
+    think_end = bisect_left([s for s, _ in offsets], think_end_char)
+    return EpisodeTrace(list(token_ids), text, ids, ends, think_end)

@@ -25,7 +25,6 @@ Plans:
 from __future__ import annotations
 
 import random
-from bisect import bisect_left
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -38,61 +37,10 @@ from mrt_fast.mrt.advantages import (
     progress_rewards,
     termination_baseline,
 )
-from mrt_fast.mrt.episodes import (
-    EpisodeSplitter,
-    decode_with_offsets,
-    episode_token_boundaries,
-    response_episodes,
-    thinking_span,
-    token_episode_ids,
-)
+from mrt_fast.mrt.episodes import EpisodeSplitter, EpisodeTrace, episode_trace
 from mrt_fast.mrt.progress import Grader, check_k, progress_from_J, run_meta_prover
 
 CUT_MODES = ("random", "every")
-
-
-# ----------------------------------------------------------------------------------------------
-# Traces and their episodes
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class EpisodeTrace:
-    """A response's tokens with their episodes.
-
-    ``episode_ids[t]`` is the (trace-local) episode of token ``t``; ``episode_ends[j]`` the number of
-    tokens in episodes ``0..j``; ``think_end`` the number of tokens before ``</think>`` (all of them
-    for a trace truncated at the budget).
-    """
-
-    token_ids: list[int]
-    text: str
-    episode_ids: list[int]
-    episode_ends: list[int]
-    think_end: int
-
-    @property
-    def num_episodes(self) -> int:
-        return len(self.episode_ends)
-
-    def meta_boundaries(self) -> list[int]:
-        """Token offsets where ``J`` is measured: the empty prefix and after each thinking episode.
-
-        The last episode holds the answer too; its boundary is where thinking ends (``</think>``).
-        """
-        inner = [0] + self.episode_ends[:-1]
-        return inner + [max(self.think_end, inner[-1])]
-
-
-def episode_trace(tokenizer: Any, token_ids: Sequence[int], splitter: EpisodeSplitter | None = None) -> EpisodeTrace:
-    """Split a sampled response (token ids after the prompt) into episodes at token granularity."""
-    text, offsets = decode_with_offsets(tokenizer, token_ids)
-    spans = response_episodes(text, splitter)
-    ids = token_episode_ids(spans, offsets)
-    ends = episode_token_boundaries(ids, len(spans))
-    think_end_char = thinking_span(text)[1]
-    think_end = bisect_left([s for s, _ in offsets], think_end_char)
-    return EpisodeTrace(list(token_ids), text, ids, ends, think_end)
 
 
 # ----------------------------------------------------------------------------------------------

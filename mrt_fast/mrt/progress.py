@@ -20,10 +20,11 @@ Grader = Callable[[str, str], bool]  # (response, reference answer) -> correct
 
 
 def check_k(k: int, name: str = "k") -> int:
+    """A count that must be a positive int (``k`` samples, ``n`` samples, a budget ...)."""
     if isinstance(k, bool) or not isinstance(k, int):
         raise TypeError(f"{name} must be an int, got {type(k).__name__}")
     if k < 1:
-        raise ValueError(f"{name} must be >= 1 (number of forced-termination samples), got {k}")
+        raise ValueError(f"{name} must be >= 1, got {k}")
     return k
 
 

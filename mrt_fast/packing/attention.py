@@ -127,12 +127,10 @@ class PackedAttentionContext:
             change = torch.nonzero(g[1:] != g[:-1]).flatten() + 1
             bounds = [0, *change.tolist(), g.numel()]
             mod = self.mask_mod(window)
-            blocks = []
-            for start, end in zip(bounds[:-1], bounds[1:]):
-                idx = torch.arange(start, end, device=g.device)
-                zero = torch.zeros((), dtype=torch.long, device=g.device)
-                blocks.append((start, end, mod(zero, zero, idx[:, None], idx[None, :])[None, None]))
-            self._masks[key] = blocks
+            self._masks[key] = [
+                (start, end, dense_mask(mod, end - start, g.device, start=start)[None, None])
+                for start, end in zip(bounds[:-1], bounds[1:])
+            ]
         return self._masks[key]
 
     def block_mask(self, window: int | None):

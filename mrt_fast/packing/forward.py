@@ -118,7 +118,9 @@ def packed_hidden(model: nn.Module, batch: PackedBatch, *, backend: str = "auto"
 def packed_logprobs(
     model: nn.Module, batch: PackedBatch, temperature: float = 1.0, *, backend: str = "auto"
 ) -> list[torch.Tensor]:
-    """Per continuation in `batch.sequence_keys` order: fp32 log-probs of its target tokens.
+    """Per continuation in `batch.sequence_keys` order: log-probs of its target tokens.
+
+    fp32, as `token_logprobs` returns them (fp64 for an fp64 model on the PyTorch path).
 
     Computed by `mrt_fast.loss.token_logprobs` from the hidden states and the LM head (tied
     embeddings included: the head weight is the embedding, and its gradients add up).

@@ -10,18 +10,28 @@ import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from mrt_fast.packing.native import load_native
 
-def _check_token_list(tokens: object, name: str) -> list[int]:
-    """Return `tokens` as a list of non-negative Python ints, or raise naming `name`."""
+_native = load_native()
+
+
+def _check_token_list(tokens: object, name: str, *, copy: bool = True) -> list[int]:
+    """Return `tokens` as a list of non-negative Python ints, or raise naming `name`.
+
+    A valid list of ints is returned as a copy, or as is with `copy=False` (no per-token work
+    beyond the check: copying a list touches every int object, which is what costs at 1M tokens).
+    """
     if isinstance(tokens, (str, bytes)) or not isinstance(tokens, Sequence):
         raise TypeError(f"{name} must be a list of token ids (ints), got {type(tokens).__name__}")
-    if type(tokens) is list and set(map(type, tokens)) <= {int}:
-        # Fast path (plain lists of ints, the common case): C-speed type and sign checks.
-        if tokens and min(tokens) < 0:
-            i = next(i for i, t in enumerate(tokens) if t < 0)
-            raise ValueError(f"{name}[{i}] = {tokens[i]} is not a valid token id (expected >= 0)")
-        return list(tokens)
-    out = []
+    if type(tokens) is list:
+        # Fast paths for a plain list: one native pass, or C-speed builtins without the extension.
+        if _native is not None:
+            valid = _native.first_invalid_token(tokens) < 0
+        else:
+            valid = set(map(type, tokens)) <= {int} and (not tokens or min(tokens) >= 0)
+        if valid:
+            return list(tokens) if copy else tokens
+    out = []  # the reference check: finds the first offending item and names it
     for i, t in enumerate(tokens):
         # bool is an int subclass but never a token id: reject it to catch mask/id mix-ups.
         # operator.index accepts Python and numpy integers and nothing lossy (no floats).
@@ -102,6 +112,15 @@ class PrefixGroup:
                     f"sequence_ids has {len(self.sequence_ids)} entries but there are {len(lengths)} continuations"
                 )
             self.sequence_ids = [int(s) for s in self.sequence_ids]
+
+    @classmethod
+    def _trusted(cls, prefix: list[int], continuations: list[list[int]], sequence_ids: list[int]) -> "PrefixGroup":
+        """Build from lists already validated and owned by the caller (skips the per-token checks)."""
+        group = object.__new__(cls)
+        group.prefix, group.continuations = prefix, continuations
+        group.loss_masks = group.episode_ids = None
+        group.sequence_ids = sequence_ids
+        return group
 
     @property
     def num_tokens(self) -> int:

@@ -89,8 +89,11 @@ def prefix_tree_mask(
     return and_masks(*mods)
 
 
-def dense_mask(mask_mod: MaskMod, length: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """Materialise a mask_mod as a boolean `[length, length]` tensor (query rows, key columns)."""
-    idx = torch.arange(length, device=device)
+def dense_mask(
+    mask_mod: MaskMod, length: int, device: torch.device | str | None = None, *, start: int = 0
+) -> torch.Tensor:
+    """Materialise a mask_mod as a boolean `[length, length]` tensor (query rows, key columns)
+    over stream indices `start .. start + length - 1`."""
+    idx = torch.arange(start, start + length, device=device)
     zero = torch.zeros((), dtype=torch.long, device=device)
     return mask_mod(zero, zero, idx[:, None], idx[None, :])

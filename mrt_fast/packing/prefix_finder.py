@@ -21,11 +21,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from mrt_fast.packing.groups import PrefixGroup, _check_token_list
+from mrt_fast.packing.native import load_native
 
-try:  # the optional native extension (setup.py builds it from csrc/ when a compiler exists)
-    from mrt_fast import _native
-except ImportError:  # pragma: no cover - exercised by the fallback test via monkeypatching
-    _native = None
+_native = load_native()
 
 Grouping = list[tuple[int, list[int]]]  # (shared prefix length, input indices) per group
 
@@ -111,7 +109,7 @@ def group_by_prefix(sequences: Sequence[Sequence[int]]) -> Grouping:
     return group_by_prefix_reference(sequences)
 
 
-def find_shared_prefixes(sequences: Sequence[Sequence[int]], *, validate: bool = True) -> list[PrefixGroup]:
+def find_shared_prefixes(sequences: Sequence[Sequence[int]]) -> list[PrefixGroup]:
     """Build `PrefixGroup`s from plain sequences by their longest common token prefixes.
 
     Returns groups ordered by their first input index; each group's `sequence_ids` are the input
@@ -119,25 +117,19 @@ def find_shared_prefixes(sequences: Sequence[Sequence[int]], *, validate: bool =
     A sequence that shares nothing worth sharing is a group with an empty prefix.
 
     Args:
-        sequences: non-empty token lists.
-        validate: check that every sequence is a non-empty list of non-negative ints (set False
-            only for inputs already validated; the native core checks types regardless).
+        sequences: non-empty lists of non-negative int token ids.
     """
     if isinstance(sequences, (str, bytes)) or not isinstance(sequences, Sequence):
         raise TypeError(f"sequences must be a list of token lists, got {type(sequences).__name__}")
-    if validate:
-        sequences = [_check_token_list(s, f"sequences[{i}]") for i, s in enumerate(sequences)]
+    sequences = [_check_token_list(s, f"sequences[{i}]", copy=False) for i, s in enumerate(sequences)]
     for i, s in enumerate(sequences):
         if len(s) == 0:
             raise ValueError(f"sequences[{i}] is empty: every sequence needs at least one token")
-    groups = []
-    for shared, indices in group_by_prefix(sequences):
-        first = sequences[indices[0]]
-        groups.append(
-            PrefixGroup(
-                prefix=list(first[:shared]),
-                continuations=[list(sequences[i][shared:]) for i in indices],
-                sequence_ids=indices,
-            )
+    # The slices are fresh lists of validated tokens, and every continuation keeps >= 1 token:
+    # build the groups without re-checking every token.
+    return [
+        PrefixGroup._trusted(
+            list(sequences[indices[0]][:shared]), [list(sequences[i][shared:]) for i in indices], indices
         )
-    return groups
+        for shared, indices in group_by_prefix(sequences)
+    ]

@@ -30,6 +30,7 @@ from .kv_cache import KVRows
 from .params import Completion, SamplingParams
 from .protocol import check_n, check_params, check_token_lists
 from .sampling import sample_next, uniform_streams
+from .shared_prefix import SharedPrefixRows, decoding_with_shared_prefix, supports_shared_prefix
 from .stopping import StopStrings
 
 
@@ -89,6 +90,11 @@ class HFEngine:
             prefilled in column chunks of this many tokens in total.
         eos_token_id: overrides the EOS id(s) taken from the generation config / config /
             tokenizer.
+        shared_prefix_decoding: when several branches continue one context, decode them with
+            shared-prefix attention (mrt_fast.rollout.shared_prefix): the context's KV is kept
+            once and read once per step for all its branches, instead of copied into each.
+            Ignored (plain decoding) for models whose attention layers do not follow
+            `model.config`'s attention implementation.
     """
 
     def __init__(
@@ -100,6 +106,7 @@ class HFEngine:
         max_kv_tokens: int | None = None,
         prefill_chunk_tokens: int = 8192,
         eos_token_id: int | list[int] | None = None,
+        shared_prefix_decoding: bool = True,
     ):
         if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
             raise TypeError(f"model must be a transformers causal LM, got {type(model).__name__}")
@@ -108,6 +115,7 @@ class HFEngine:
         if max_kv_tokens is not None:
             check_n(max_kv_tokens, "max_kv_tokens")
         self.max_kv_tokens = max_kv_tokens
+        self.shared_prefix_decoding = shared_prefix_decoding and supports_shared_prefix(model)
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
@@ -357,7 +365,13 @@ class HFEngine:
             batch = branches[start : start + per_batch]
             rows = torch.tensor([b.kv_row for b in batch])
             reserve = max(b.budget for b in batch)
-            results.extend(self._decode(kv.select(rows, reserve), logits[rows.to(logits.device)], batch, params))
+            batch_logits = logits[rows.to(logits.device)]
+            if self.shared_prefix_decoding and len(set(rows.tolist())) < len(batch) and kv.length > 0:
+                state = SharedPrefixRows(kv, rows, reserve)
+                with decoding_with_shared_prefix(self.model, state):
+                    results.extend(self._decode(state, batch_logits, batch, params))
+            else:
+                results.extend(self._decode(kv.select(rows, reserve), batch_logits, batch, params))
         return results
 
     def _decode(self, kv: KVRows, logits: torch.Tensor, branches: list[_Branch], params: SamplingParams) -> list[Completion]:

@@ -2,7 +2,8 @@
 
 One trace of P tokens, B episode boundaries, k forced-termination answers of A tokens each.
 - reuse:      `branch_at_boundaries` on the HF engine: one prefill of the trace, each boundary
-              served by cutting its cache, k branches copying their boundary's cache.
+              served by cutting its cache, its k branches decoding over it with shared-prefix
+              attention.
 - recompute:  every one of the B*k branches prefilled from scratch (B*k rows of up to P tokens),
               then the same decoding: what sampling without prefix reuse costs.
 - per-boundary: `generate(contexts, n=k)`: each boundary's context prefilled once (B prefills),

@@ -606,6 +606,21 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
+def build_engine(cfg: RunConfig, rollout_model: nn.Module, tokenizer: Any) -> Any:
+    """The rollout engine: ``hf`` samples from ``rollout_model``; ``vllm`` loads ``model.path``
+    itself (weights are synced from the trainer after every update either way)."""
+    from mrt_fast.rollout import make_engine
+
+    if cfg.rollout.engine == "hf":
+        return make_engine("hf", model=rollout_model, tokenizer=tokenizer)
+    path = cfg.model.path
+    if path == EMBEDDED:
+        from mrt_fast.data.tokenizer import ASSETS_DIR
+
+        path = str(ASSETS_DIR)
+    return make_engine("vllm", model_path=path)
+
+
 def resolve_run_dir(cfg: RunConfig, env: DistEnv) -> Path:
     """``--output-dir``, or ``runs/<algo>-<UTC time>`` chosen by rank 0 and shared."""
     if cfg.output_dir is None:
@@ -638,7 +653,10 @@ def run(cfg: RunConfig, *, export_only: bool = False) -> dict[str, Any]:
     if resume_from is not None:  # incompatible checkpoints fail here, before any compute
         checkpoint.check_compatible(resume_from, Actor(model))  # names as the sharded actor has them
 
-    rollout_model = copy.deepcopy(model).to(env.device, compute_dtype(cfg.model.dtype, env.device)).eval()
+    # The engine samples from an unsharded copy (vLLM holds its own; the copy then stays on the CPU
+    # and only serves as the HF export template).
+    engine_device = env.device if cfg.rollout.engine == "hf" else torch.device("cpu")
+    rollout_model = copy.deepcopy(model).to(engine_device, compute_dtype(cfg.model.dtype, env.device)).eval()
     reference = None
     if cfg.model.reference_model:
         reference = build_actor(copy.deepcopy(model), cfg, env).eval()
@@ -652,9 +670,7 @@ def run(cfg: RunConfig, *, export_only: bool = False) -> dict[str, Any]:
         step, data_position = state["step"], state["trainer"].get("data_position", 0)
         say(f"[mrt_fast.train] resumed from {resume_from} at step {step}"
             + ("" if state["rng_restored"] else " (different world size: RNG streams restart)"))
-    from mrt_fast.rollout import make_engine
-
-    engine = make_engine(cfg.rollout.engine, model=rollout_model, tokenizer=tokenizer)
+    engine = build_engine(cfg, rollout_model, tokenizer)
     sync_engine(engine, actor)
 
     if export_only:

@@ -139,13 +139,21 @@ def test_sft_two_ranks_equal_one_rank(assets, tmp_path):
     assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("algo", ["grpo", "mrt-star", "mrt-online"])
-def test_two_rank_run_of_each_algorithm(assets, tmp_path, algo):
+# Each run also switches on one option: a frozen reference model with the KL penalty, gradient
+# checkpointing, sequence-level loss aggregation.
+@pytest.mark.parametrize("algo, options", [
+    ("grpo", ["--model.reference_model", "true", "--algo.beta", "0.04"]),
+    ("mrt-star", ["--model.gradient_checkpointing", "true"]),
+    ("mrt-online", ["--model.gradient_checkpointing", "true", "--algo.loss_agg", "seq-mean-token-mean"]),
+])
+def test_two_rank_run_of_each_algorithm(assets, tmp_path, algo, options):
     out = tmp_path / algo
-    launch(common_args(assets, out, algo, 1) + ["--eval.num_problems", "0", "--checkpoint.export_hf", "false"])
+    launch(common_args(assets, out, algo, 1) + ["--eval.num_problems", "0", "--checkpoint.export_hf", "false", *options])
     rows = step_rows(out)
     assert [r["step"] for r in rows] == [1]
     assert rows[0]["debug/weights_sha256"]
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_1" and (out / "config.yaml").is_file()
     if algo != "mrt-star":  # a random model keeps no MRT-STaR trace (none is correct): an empty step
         assert rows[0]["actor/grad_norm"] > 0 and "reward/mean" in rows[0]
+    if algo == "grpo":  # KL to the reference: 0 on the first mini-batch, > 0 after the first update
+        assert 0 < rows[0]["actor/kl_loss"] < 0.1

@@ -4,7 +4,8 @@ Why not `model.generate`: MRT needs (1) one prefill per prefix shared by all its
 (2) one prefill per *trace* shared by all its episode boundaries (the cache cut at each
 boundary), (3) stop strings matched across token boundaries per row, and (4) per-token
 log-probs under the sampling temperature. The loop below does all four with plain forwards
-over `KVRows` (mrt_fast.rollout.kv_cache).
+over `KVRows` (mrt_fast.rollout.kv_cache); branches of one context decode with shared-prefix
+attention (mrt_fast.rollout.shared_prefix).
 
 Batching: rows of different lengths share a batch by left padding. Every forward passes a 2-D
 attention mask (which columns hold real tokens) and explicit position ids, so a row's tokens
@@ -144,8 +145,8 @@ class HFEngine:
 
     def fork(self, prefixes: list[list[int]] | PrefixCache, params: SamplingParams, n: int) -> list[list[Completion]]:
         """`n` branches per prefix, [prefix][branch]; each prefix's KV is computed once and
-        copied into its branches. `prefixes` may be a `PrefixCache` from `prefill` to reuse a
-        prefill across calls."""
+        shared by its branches (shared-prefix attention, or one copy per branch when that is
+        off). `prefixes` may be a `PrefixCache` from `prefill` to reuse a prefill across calls."""
         n = check_n(n)
         if isinstance(prefixes, PrefixCache):
             return self._fork_cached(prefixes, params, n)

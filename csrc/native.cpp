@@ -5,10 +5,12 @@
 //   loop is the reference and produces the error messages).
 //
 // group_by_prefix(sequences) -> [(shared_prefix_len, [input indices]), ...]
-//   The native core of mrt_fast.packing.find_shared_prefixes. It mirrors the pure-Python
-//   reference mrt_fast.packing.prefix_finder.group_by_prefix_reference step for step (same sort
-//   order, same LCP-interval sweep, same tie rule), so both return identical output; the
-//   docstring there explains the grouping. Tests check the two agree on random inputs.
+//   The native core of mrt_fast.packing.find_shared_prefixes; the docstring of the pure-Python
+//   reference (mrt_fast.packing.prefix_finder.group_by_prefix_reference) explains the grouping.
+//   The sort differs (a multikey quicksort instead of Python's stable sort: equal sequences may
+//   come out in another order), but it yields the same prefix trie; the LCP-interval sweep, the
+//   tie rule and the output order are the reference's, so the output is identical. Tests check
+//   the two agree on random inputs.
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>

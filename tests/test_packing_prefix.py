@@ -176,3 +176,12 @@ def test_bad_input():
         find_shared_prefixes([["a"]])
     with pytest.raises(TypeError, match="sequences must be a list"):
         find_shared_prefixes("abc")
+
+
+@needs_native
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(st.integers(-5, 2**70), st.booleans(), st.floats(0, 10), st.just("7")), max_size=12))
+def test_native_token_check_matches_definition(items):
+    """first_invalid_token: index of the first item that is not a non-negative exact int (< 2**63)."""
+    expected = next((i for i, t in enumerate(items) if not (type(t) is int and 0 <= t < 2**63)), -1)
+    assert pf._native.first_invalid_token(items) == expected

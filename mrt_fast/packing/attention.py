@@ -50,19 +50,19 @@ def default_backend(device: torch.device) -> str:
     return "flex" if device.type == "cuda" else "sdpa"
 
 
-_compiled_flex = None
+_compiled: dict = {}
 
 
-def _flex_attention():
-    """FlexAttention, compiled once on first use (uncompiled it materialises scores: slow, memory-hungry)."""
-    global _compiled_flex
-    from torch.nn.attention.flex_attention import flex_attention
+def _compiled_flex(name: str):
+    """`flex_attention` / `create_block_mask`, compiled once on first use. Uncompiled, the first
+    materialises all scores and the second all L^2 mask entries: slow and memory-hungry on a GPU.
+    Default dynamic-shape handling: micro-batches differ in length, so after the first recompile
+    the compiled code is shape-generic instead of recompiling per length."""
+    if name not in _compiled:
+        from torch.nn.attention import flex_attention as flex
 
-    if _compiled_flex is None:
-        # Default dynamic-shape handling: every micro-batch has its own length, so after the first
-        # recompile the kernel is shape-generic instead of recompiling per length.
-        _compiled_flex = torch.compile(flex_attention)
-    return _compiled_flex
+        _compiled[name] = torch.compile(getattr(flex, name))
+    return _compiled[name]
 
 
 @dataclass
@@ -139,11 +139,11 @@ class PackedAttentionContext:
         key = ("block", window)
         if key not in self._masks:
             length = self.group_ids.numel()
-            self._masks[key] = create_block_mask(
+            on_gpu = self.group_ids.device.type == "cuda"
+            make = _compiled_flex("create_block_mask") if on_gpu else create_block_mask
+            self._masks[key] = make(
                 self.mask_mod(window), B=None, H=None, Q_LEN=length, KV_LEN=length,
                 device=self.group_ids.device, BLOCK_SIZE=FLEX_BLOCK_SIZE,
-                # Compiled on GPU: the eager version materialises all L^2 mask entries at once.
-                _compile=self.group_ids.device.type == "cuda",
             )
         return self._masks[key]
 
@@ -216,7 +216,7 @@ def packed_attention_forward(
                 raise ValueError("backend='flex' has no backward on the CPU; use backend='sdpa' for CPU training")
             from torch.nn.attention.flex_attention import flex_attention as flex  # eager: CPU checks only
         else:
-            flex = _flex_attention()
+            flex = _compiled_flex("flex_attention")
         out = flex(query, key, value, block_mask=ctx.block_mask(window), scale=scaling, enable_gqa=True)
         return out.transpose(1, 2).contiguous(), None
 

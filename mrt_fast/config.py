@@ -130,7 +130,7 @@ class CheckpointConfig:
 class EvalConfig:
     """The short evaluation on held-out problems (``mrt_fast.eval``): accuracy, tokens, regret."""
 
-    num_problems: int = 32  # held-out problems (0: no evaluation)
+    num_problems: int = 16  # held-out problems (0: no evaluation)
     samples: int = 1  # samples per problem
     max_new_tokens: int = 256
     temperature: float = 0.0  # 0 = greedy

@@ -507,9 +507,9 @@ class MRTPolicyLoss(nn.Module):
                  beta: float = 0.0, kl_estimator: str = "k3", entropy_coef: float = 0.0, temperature: float = 1.0,
                  loss_agg: str = "token-mean", max_len: int | None = None, chunk_size: int | None = None):
         super().__init__()
-        # Validate at construction so a bad config fails before the first batch.
-        _policy_config(eps_low, eps_high, dual_clip, beta if beta == 0 else 0.0, kl_estimator, entropy_coef,
-                       temperature, loss_agg, None)
+        # Validate at construction so a bad config fails before the first batch (beta=0 here:
+        # ref_logprobs arrive per batch, and forward checks beta against them).
+        _policy_config(eps_low, eps_high, dual_clip, 0.0, kl_estimator, entropy_coef, temperature, loss_agg, None)
         self.config = dict(eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, beta=beta,
                            kl_estimator=kl_estimator, entropy_coef=entropy_coef, temperature=temperature,
                            loss_agg=loss_agg, max_len=max_len, chunk_size=chunk_size)

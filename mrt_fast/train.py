@@ -150,13 +150,17 @@ class DataStream:
     """
 
     def __init__(self, n: int, *, seed: int, shuffle: bool, position: int = 0) -> None:
+        if n <= 0:
+            raise ValueError(f"the dataset is empty (n={n})")
         self.n, self.seed, self.shuffle, self.position = n, seed, shuffle, position
+        self._epoch, self._cached = -1, []
 
     def _order(self, epoch: int) -> list[int]:
-        order = list(range(self.n))
-        if self.shuffle:
-            random.Random(self.seed * 7919 + epoch).shuffle(order)
-        return order
+        if epoch != self._epoch:
+            self._epoch, self._cached = epoch, list(range(self.n))
+            if self.shuffle:
+                random.Random(self.seed * 7919 + epoch).shuffle(self._cached)
+        return self._cached
 
     def take(self, count: int) -> list[int]:
         out = []
@@ -176,9 +180,12 @@ def load_model_and_tokenizer(cfg: RunConfig) -> tuple[nn.Module, Any]:
     """The policy in fp32 (master weights) on the CPU, and its tokenizer; fails fast and clearly."""
     path = cfg.model.path
     if path == EMBEDDED:
-        from mrt_fast.data.synthetic import load_warm_start
+        from mrt_fast.data import load_warm_start
 
-        model, tokenizer = load_warm_start(device="cpu")
+        try:
+            model, tokenizer = load_warm_start(device="cpu")
+        except FileNotFoundError as exc:
+            raise ValueError(f"model.path='embedded': the shipped warm start is missing ({exc})") from exc
     else:
         import transformers
 

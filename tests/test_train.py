@@ -172,3 +172,22 @@ def test_lr_schedule_warmup_then_cosine_or_constant():
     for _ in range(5):
         sched.step()
     assert sched.get_last_lr()[0] == 1.0
+
+
+WARM_START = train.Path(train.__file__).parent / "data" / "assets" / "tiny" / "model.safetensors"
+
+
+@pytest.mark.skipif(not WARM_START.is_file(), reason="the warm-started tiny checkpoint is not shipped yet")
+def test_embedded_default_job_runs_end_to_end_in_small(tmp_path):
+    """The no-argument job (embedded warm start, synthetic task, MRT-RL, evaluation), shrunk."""
+    cfg = parse_args(["--train.steps", "1", "--train.global_batch_size", "2", "--train.mini_batch_size", "2",
+                      "--rollout.n", "2", "--rollout.max_new_tokens", "64", "--rollout.meta_k", "2",
+                      "--eval.num_problems", "2", "--eval.max_new_tokens", "64", "--eval.meta_k", "2",
+                      "--log.progress_bar", "false", "--output-dir", str(tmp_path)]).config
+    assert cfg.algo.name == "mrt-rl" and cfg.model.path == "embedded"
+    summary = train.run(cfg)
+    assert summary["status"] == "completed"
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == [0, 1, 1]  # eval before, the step, eval after
+    assert "reward/progress/mean" in rows[1] and 0 <= rows[2]["eval/accuracy"] <= 1
+    assert (tmp_path / "hf" / "model.safetensors").is_file() and (tmp_path / "eval.json").is_file()

@@ -105,10 +105,15 @@ def build_tiny_tokenizer():
 
 
 def load_tiny_tokenizer(path: str | Path | None = None):
-    """The shipped tiny tokenizer (``mrt_fast/data/assets/tiny``), or the one saved at ``path``."""
-    from transformers import AutoTokenizer
+    """The shipped tiny tokenizer (``mrt_fast/data/assets/tiny``), or the one saved at ``path``.
+
+    Loads ``tokenizer.json`` as it is. Do not use ``AutoTokenizer`` on a directory that also
+    holds the tiny model's ``config.json``: transformers 5 maps ``model_type="qwen2"`` to
+    ``Qwen2Tokenizer``, which replaces our pre-tokenizer with Qwen's and tokenizes differently.
+    """
+    from transformers import PreTrainedTokenizerFast
 
     path = Path(path) if path is not None else ASSETS_DIR
     if not (path / "tokenizer.json").is_file():
         raise FileNotFoundError(f"no tokenizer.json in {path}; build one with build_tiny_tokenizer()")
-    return AutoTokenizer.from_pretrained(str(path))
+    return PreTrainedTokenizerFast.from_pretrained(str(path))

@@ -28,6 +28,7 @@ KL_ESTIMATORS = ("k1", "k2", "k3")
 SCHEDULERS = ("cosine", "constant")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ENGINES = ("hf", "vllm")
+ATTN_BACKENDS = ("auto", "flex", "sdpa", "flash_varlen")  # mrt_fast.packing.BACKENDS + auto
 
 EMBEDDED = "embedded"  # the tiny warm-started model / synthetic task shipped with the package
 
@@ -39,7 +40,7 @@ class ModelConfig:
     path: str = EMBEDDED  # local directory, hub name, or "embedded" (mrt_fast.data.synthetic warm start)
     dtype: str = "auto"  # parameter dtype for compute: auto = bfloat16 on GPU, float32 on CPU
     gradient_checkpointing: bool = False
-    attn_backend: str = "auto"  # packing attention backend: auto | flex | sdpa | flash
+    attn_backend: str = "auto"  # packed attention: auto (flex on GPU, sdpa on CPU) | flex | sdpa | flash_varlen
     reference_model: bool = False  # keep a frozen copy for the KL penalty (needed when algo.beta > 0)
     trust_remote_code: bool = False
 
@@ -111,7 +112,7 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 8  # optimizer-visible training steps (one rollout batch each)
+    steps: int = 6  # training steps (one rollout batch each); the default fits the 10-minute CPU job
     global_batch_size: int = 8  # prompts per step, over all ranks
     mini_batch_size: int = 8  # prompts per optimizer update (PPO mini-batch), over all ranks
     max_tokens_per_micro_batch: int = 4096  # per GPU: packed tokens per forward/backward
@@ -185,6 +186,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     _choice("optim.scheduler", cfg.optim.scheduler, SCHEDULERS)
     _choice("model.dtype", cfg.model.dtype, DTYPES)
     _choice("rollout.engine", cfg.rollout.engine, ENGINES)
+    _choice("model.attn_backend", cfg.model.attn_backend, ATTN_BACKENDS)
     _choice("data.grader", cfg.data.grader, ("auto", "math", "exact"))
     for name in ("train.steps", "train.global_batch_size", "train.mini_batch_size",
                  "train.max_tokens_per_micro_batch", "rollout.n", "rollout.max_new_tokens",

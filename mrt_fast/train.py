@@ -214,16 +214,17 @@ class Actor(nn.Module):
     that forward; its gradient then goes through FSDP's reduce-scatter like every other one.
     """
 
-    def __init__(self, policy: nn.Module) -> None:
+    def __init__(self, policy: nn.Module, attn_backend: str = "auto") -> None:
         super().__init__()
         self.policy = policy
+        self.attn_backend = attn_backend
 
     def forward(self, batch: Any, mode: str, **loss_kwargs: Any) -> Any:
         from mrt_fast.loss import fused_policy_loss, token_logprobs
         from mrt_fast.packing import packed_hidden
 
         head = self.policy.get_output_embeddings()
-        hidden = packed_hidden(self.policy, batch)
+        hidden = packed_hidden(self.policy, batch, backend=self.attn_backend)
         bias = getattr(head, "bias", None)
         if mode == "logprobs":  # old / reference log-probs, no loss
             return token_logprobs(hidden, head.weight, batch.targets, bias=bias,
@@ -242,7 +243,7 @@ class Actor(nn.Module):
 def build_actor(model: nn.Module, cfg: RunConfig, env: DistEnv) -> Actor:
     """Shard the policy with FSDP2 (per block + root) and move it to this rank's device."""
     blocks = transformer_blocks(model)
-    actor = Actor(model).to(env.device)
+    actor = Actor(model, cfg.model.attn_backend).to(env.device)
     shard(actor, blocks, param_dtype=compute_dtype(cfg.model.dtype, env.device))
     return actor
 
@@ -424,10 +425,14 @@ def _update(actor: Actor, optimizer: torch.optim.Optimizer, plan: Plan, cfg: Run
     per_mini = max(1, math.ceil(len(plan.groups) / n_mini))
 
     def share(b: Any) -> float:
-        """This micro-batch's weight in its mini-batch: loss tokens, or sequences with loss tokens."""
+        """This micro-batch's part of the mini-batch normaliser: its loss tokens for token-mean, its
+        sequences with loss tokens for the seq-mean modes. (seq-mean-token-sum-norm's kernel loss is
+        a plain sum / max_len, so its micro-batches add up and only the sequence total divides.)"""
         if seq_mode:
             return float(len(set(b.target_seq_ids[b.target_loss_mask > 0].tolist())))
         return float(b.target_loss_mask.sum())
+
+    summed = cfg.algo.loss_agg == "seq-mean-token-sum-norm" and not sft
 
     # Pack every mini-batch once; old/reference log-probs are taken before any update.
     minis, all_batches = [], []
@@ -468,7 +473,8 @@ def _update(actor: Actor, optimizer: torch.optim.Optimizer, plan: Plan, cfg: Run
                                     if cfg.algo.loss_agg == "seq-mean-token-sum-norm" else None, **kw)
                 # FSDP averages gradients over ranks: multiplying by world_size undoes that; the
                 # share then weights this micro-batch within the whole mini-batch.
-                (loss * (share(b) / max(total, 1.0) * env.world_size)).backward()
+                weight = (1.0 if summed else share(b)) / max(total, 1.0)
+                (loss * (weight * env.world_size)).backward()
                 n_tok = float(b.target_loss_mask.sum())
                 if n_tok == 0:
                     continue

@@ -28,7 +28,7 @@ class ProgressTable:
 
     j_by_productive: dict[int, tuple[float, int]]  # productive attempts -> (mean J, boundaries)
     delta_productive: float  # mean J_j - J_{j-1} over productive episodes
-    delta_redundant: float  # mean J_j - J_{j-1} over re-check episodes
+    delta_redundant: float  # mean J_j - J_{j-1} over unproductive episodes (re-checks, unlisted keys)
     n_productive: int
     n_redundant: int
     accuracy: float  # the sampled traces' own accuracy
@@ -40,7 +40,7 @@ class ProgressTable:
         lines.append("")
         lines.append(
             f"mean ΔJ over productive episodes: {self.delta_productive:+.3f} ({self.n_productive}); "
-            f"over redundant re-checks: {self.delta_redundant:+.3f} ({self.n_redundant}); "
+            f"over unproductive ones (re-checks, keys not in the list): {self.delta_redundant:+.3f} ({self.n_redundant}); "
             f"trace accuracy {self.accuracy:.3f}"
         )
         return "\n".join(lines)

@@ -52,6 +52,7 @@ class WarmStartConfig:
     threads: int = 1  # CPU float reductions depend on the thread count: fixed for reproducibility
     eval_problems: int = 128
     max_new_tokens: int = 512
+    init_from: str | None = None  # continue from this checkpoint directory instead of a fresh init
     eval_every: int = 0  # evaluate accuracy (T=1, 64 problems) every this many steps; 0: never
     model_overrides: dict | None = None
 
@@ -79,8 +80,10 @@ def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[st
 def sft_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean cross-entropy of the next token over the labelled (assistant) positions."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    # Low-precision logits are upcast for the softmax; fp32/fp64 stay as they are.
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     return torch.nn.functional.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(),
+        logits[:, :-1].flatten(0, 1),
         batch["labels"][:, 1:].flatten(),
         ignore_index=IGNORE_INDEX,
     )
@@ -157,7 +160,13 @@ def train(cfg: WarmStartConfig, *, log=print, snapshot_dir: str | Path | None = 
     tokenizer = build_tiny_tokenizer()
     config = tiny_model_config(len(tokenizer), **(cfg.model_overrides or {}))
     config.eos_token_id, config.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    if cfg.init_from:
+        model = AutoModelForCausalLM.from_pretrained(cfg.init_from, attn_implementation="sdpa")
+        if model.config.vocab_size != len(tokenizer):
+            raise ValueError(f"init_from={cfg.init_from!r} has vocab_size {model.config.vocab_size}, "
+                             f"expected {len(tokenizer)} (the tiny tokenizer)")
+    else:
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     optimizer = torch.optim.AdamW(
@@ -206,6 +215,7 @@ def main(argv: list[str] | None = None) -> dict:
                  "eval_every", "warmup_steps"):
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
     parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--init-from", default=None, help="continue training this checkpoint directory")
     parser.add_argument("--model-overrides", type=json.loads, default=None,
                         help='JSON object of Qwen2Config fields, e.g. \'{"num_hidden_layers": 2}\'')
     args = parser.parse_args(argv)

@@ -70,7 +70,7 @@ class RolloutConfig:
     temperature: float = 0.9
     top_p: float = 1.0
     top_k: int = 0
-    max_new_tokens: int = 256
+    max_new_tokens: int = 512  # the embedded task's warm-start traces run to ~300 tokens
     meta_k: int = 4  # forced-termination answers per boundary (the paper's K)
     meta_temperature: float = 0.6
     meta_top_p: float = 0.95
@@ -133,7 +133,7 @@ class EvalConfig:
 
     num_problems: int = 16  # held-out problems (0: no evaluation)
     samples: int = 1  # samples per problem
-    max_new_tokens: int = 256
+    max_new_tokens: int = 512
     temperature: float = 0.0  # 0 = greedy
     meta_k: int = 4  # forced-termination answers per episode boundary, for J and regret
     budgets: list[int] = field(default_factory=list)  # token budgets for normalised regret (default: max_new_tokens)

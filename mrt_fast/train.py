@@ -714,10 +714,10 @@ def run(cfg: RunConfig, *, export_only: bool = False) -> dict[str, Any]:
     last_metrics: dict[str, Any] = {}
     status = "completed"
     initial_eval = None
-    if cfg.eval.before_training and eval_examples and step == 0:
-        initial_eval = evaluate(cfg, engine, tokenizer, eval_examples, grader, env)
-        writer.log(0, initial_eval)
     try:
+        if cfg.eval.before_training and eval_examples and step == 0:
+            initial_eval = evaluate(cfg, engine, tokenizer, eval_examples, grader, env)
+            writer.log(0, initial_eval)
         while step < cfg.train.steps:
             t0 = time.perf_counter()
             indices = data.take(cfg.train.global_batch_size)[env.rank * per_rank:(env.rank + 1) * per_rank]

@@ -171,6 +171,15 @@ def test_chat_template(tokenizer):
     assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token_id != tokenizer.eos_token_id
 
 
+def test_load_tokenizer_keeps_the_tiny_tokenizer_next_to_a_qwen2_config(tokenizer):
+    from mrt_fast.data import load_tokenizer
+    from mrt_fast.data.tokenizer import ASSETS_DIR
+
+    assert (ASSETS_DIR / "config.json").is_file()  # the case where AutoTokenizer goes wrong
+    text = "<think>\nLet me try k.\n\nk7.\n</think>"
+    assert load_tokenizer(ASSETS_DIR)(text)["input_ids"] == tokenizer(text)["input_ids"]
+
+
 def test_shipped_tokenizer_matches_the_code(tokenizer):
     shipped = load_tiny_tokenizer()
     assert shipped.get_vocab() == tokenizer.get_vocab()

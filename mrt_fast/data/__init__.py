@@ -23,7 +23,7 @@ from .chat import (
 from .grading import GRADER_KINDS, extract_boxed, grade
 from .synthetic import DEFAULT_DIFFICULTY, Problem, generate_problems, iter_problems, sft_trace
 from .tiny_model import load_warm_start, tiny_model_config
-from .tokenizer import build_tiny_tokenizer, load_tiny_tokenizer
+from .tokenizer import build_tiny_tokenizer, load_tiny_tokenizer, load_tokenizer
 
 __all__ = [
     "ANSWER_LEAD_IN",
@@ -43,6 +43,7 @@ __all__ = [
     "grade",
     "iter_problems",
     "load_tiny_tokenizer",
+    "load_tokenizer",
     "load_warm_start",
     "sft_trace",
     "tiny_model_config",

@@ -117,3 +117,23 @@ def load_tiny_tokenizer(path: str | Path | None = None):
     if not (path / "tokenizer.json").is_file():
         raise FileNotFoundError(f"no tokenizer.json in {path}; build one with build_tiny_tokenizer()")
     return PreTrainedTokenizerFast.from_pretrained(str(path))
+
+
+def load_tokenizer(path: str | Path, **kwargs):
+    """Load any saved tokenizer correctly, the tiny one included: use this instead of AutoTokenizer.
+
+    A directory whose ``tokenizer_config.json`` names the generic ``TokenizersBackend`` /
+    ``PreTrainedTokenizerFast`` class is loaded from its ``tokenizer.json`` as it is (transformers 5's
+    ``AutoTokenizer`` would substitute ``Qwen2Tokenizer`` next to a qwen2 ``config.json`` and change
+    the tokenization); anything else goes through ``AutoTokenizer``.
+    """
+    import json
+
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    config_file = Path(path) / "tokenizer_config.json"
+    if config_file.is_file():
+        declared = json.loads(config_file.read_text()).get("tokenizer_class")
+        if declared in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+            return PreTrainedTokenizerFast.from_pretrained(str(path), **kwargs)
+    return AutoTokenizer.from_pretrained(str(path), **kwargs)

@@ -89,10 +89,12 @@ def load_model(spec: str, device: str) -> tuple[Any, Any]:
             raise FileNotFoundError(
                 f"--model {spec}: no config.json there and no hf/ export of a run (train with checkpoint.export_hf)"
             )
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+
+    from ..data.tokenizer import load_tokenizer  # AutoTokenizer mis-loads the tiny task tokenizer
 
     src = str(path) if path.exists() else spec
-    tokenizer = AutoTokenizer.from_pretrained(src)
+    tokenizer = load_tokenizer(src)
     model = AutoModelForCausalLM.from_pretrained(src).to(device)
     model.eval()
     return model, tokenizer

@@ -28,12 +28,14 @@ def make_engine(backend: str = "hf", **kwargs: Any) -> RolloutEngine:
         if (model is None) == (path is None):
             raise ValueError("make_engine('hf'): pass exactly one of model= or model_path=")
         if path is not None:
-            from transformers import AutoModelForCausalLM, AutoTokenizer
+            from transformers import AutoModelForCausalLM
+
+            from ..data.tokenizer import load_tokenizer  # AutoTokenizer mis-loads the tiny task tokenizer
 
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype) if dtype else AutoModelForCausalLM.from_pretrained(path)
             if kwargs.get("tokenizer") is None:
                 try:
-                    kwargs["tokenizer"] = AutoTokenizer.from_pretrained(path)
+                    kwargs["tokenizer"] = load_tokenizer(path)
                 except (OSError, ValueError):
                     kwargs["tokenizer"] = None  # a weights-only directory: token ids in, ids out
         if device is not None:

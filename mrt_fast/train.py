@@ -189,12 +189,15 @@ def load_model_and_tokenizer(cfg: RunConfig) -> tuple[nn.Module, Any]:
     else:
         import transformers
 
+        from mrt_fast.data.tokenizer import load_tokenizer
+
         looks_local = path.startswith((".", "/", "~")) or os.sep in path and path.count("/") != 1
         if looks_local and not Path(path).expanduser().exists():
             raise ValueError(f"model.path={path!r} does not exist")
         try:
-            tokenizer = transformers.AutoTokenizer.from_pretrained(
-                path, trust_remote_code=cfg.model.trust_remote_code)
+            # Not AutoTokenizer: next to a qwen2 config.json it swaps in Qwen2Tokenizer and changes
+            # the ids of tokenizers saved as plain PreTrainedTokenizerFast (the tiny task's).
+            tokenizer = load_tokenizer(path, trust_remote_code=cfg.model.trust_remote_code)
             model = transformers.AutoModelForCausalLM.from_pretrained(
                 path, dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code)
         except (OSError, ValueError, KeyError) as exc:

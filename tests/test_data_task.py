@@ -24,6 +24,7 @@ from mrt_fast.data.synthetic import (
     RECHECK_CUE,
     TraceStyle,
     iter_problems,
+    key_value,
     read_attempts,
 )
 
@@ -50,9 +51,15 @@ def test_problem_structure_and_difficulty_knob(difficulty):
         keys, values, target = p.meta["keys"], p.meta["values"], p.meta["target"]
         assert len(keys) == len(set(keys)) == difficulty
         assert [k for k in keys if values[k] == target] == [p.answer]  # exactly one solution
-        assert f"value is {target}." in p.prompt
-        for k in keys:
-            assert f"{k}{values[k]}," in p.prompt or p.prompt.endswith(f"{k}{values[k]}.")
+        assert p.prompt == f"Find the key whose value is {target}.\nKeys: {', '.join(keys)}."
+        assert all(values[k] == key_value(k) for k in keys)
+
+
+def test_key_value_is_the_last_digit_of_the_alphabet_position():
+    assert [key_value(k) for k in "bjkstz"] == [2, 0, 1, 9, 0, 6]
+    assert MAX_DIFFICULTY == 20  # c, m, w share 3: target 3 leaves 19 other keys
+    with pytest.raises(ValueError, match="key must be one of"):
+        key_value("a")
 
 
 def test_problem_bad_input():

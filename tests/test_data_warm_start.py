@@ -40,11 +40,6 @@ def shipped_samples():
 
 
 @pytest.mark.slow  # the shared sampling fixture: ~40 s on 2 idle cores
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap (docs/data.md): the shipped warm start has not learned the in-prompt lookup "
-    "(an induction head) in its CPU budget and answers below the 20-70% band",
-)
 def test_shipped_checkpoint_answers_within_the_band(shipped_samples):
     """The issue's band: the warm-started tiny model answers 20-70% at the default difficulty."""
     problems, responses = shipped_samples

@@ -229,3 +229,12 @@ def test_micro_batch_accumulation_equals_one_big_batch(assets, loss_agg):
     for name in w_one:
         torch.testing.assert_close(w_one[name], w_many[name], rtol=1e-4, atol=1e-7, msg=name)
     assert m_one["actor/grad_norm"] > 0
+
+
+def test_a_local_model_dir_keeps_its_own_tokenization(assets, tmp_path):
+    """Regression: AutoTokenizer next to a qwen2 config.json swaps in Qwen2Tokenizer, which splits the
+    tiny task's text into different ids; a run from a saved warm start must see what it was trained on."""
+    model, tokenizer = train.load_model_and_tokenizer(sft_config(assets, tmp_path / "run"))
+    text = "Find the key whose value is 7.\nKeys: b, k, e.<think>\nLet me try k.\n\nk1."
+    expected = build_tiny_tokenizer()(text, add_special_tokens=False)["input_ids"]
+    assert tokenizer(text, add_special_tokens=False)["input_ids"] == expected

@@ -1,28 +1,31 @@
 """The embedded reasoning task: find the key whose value is the target, by trying keys.
 
-A problem lists ``difficulty`` keys with single-digit values; exactly one key holds the
+A problem lists ``difficulty`` keys (letters); a key's value is the last digit of its place in
+the alphabet (``b`` 2, ``k`` 11 -> 1, ``t`` 20 -> 0), and exactly one listed key has the
 target value::
 
     Find the key whose value is 7.
-    Keys: b3, k7, e1, q5, m2, h9.
+    Keys: b, k, e, q, m, h.
 
 A solution tries keys one at a time. Every attempt is one episode of three paragraphs (so the
 episode splitter of DESIGN.md §2, which keeps at least three paragraphs per episode, cuts at
-every attempt): a cue and the key, the key's value copied from the prompt, and the check::
+every attempt): a cue and the key, the key with its value, and the check::
 
     Wait, try e.
 
-    e1.
+    e5.
 
-    1 is not 7, so no.
+    5 is not 7, so no.
 
-Why this task. A tiny model learns it in minutes because every step is a copy or a lookup
-that attention does directly (pick a key from the prompt, copy its value, compare two
-digits, copy the key that said "yes"); DESIGN.md §5 records that a tiny model does not learn
-multi-digit arithmetic or long modular chains in that time. And progress is visible: an
-attempt on a new key either finds the answer or removes one candidate, so forced termination
-after more productive episodes succeeds more often, while re-checking a key already tried
-("But let me double-check e.") adds tokens and changes nothing.
+Why this task. A tiny model learns it in minutes because every step is a local copy, a fact
+about one token, or a pick from the prompt (pick a listed key, recall its value, compare two
+digits, copy the key that said "yes"). DESIGN.md §5 records that a tiny model does not learn
+multi-digit arithmetic or long modular chains in that time, and docs/data.md that it does not
+learn an in-context lookup (values listed in the prompt, ``k1``) in 3000 steps either, while the
+recalled value is learned in about 100. Progress is visible: an attempt on a new key either
+finds the answer or removes one candidate, so forced termination after more productive
+episodes succeeds more often, while re-checking a key already tried ("But let me double-check
+e.") adds tokens and changes nothing.
 
 Warm-start traces mix productive attempts with re-checks and sometimes give up early (they
 then end with the termination text and a guess among the keys not yet tried), so a model
@@ -40,7 +43,6 @@ from .chat import PARAGRAPH_SEP, TERMINATION_TEXT, THINK_END, THINK_START
 KEY_ALPHABET = "bcdefghjkmnpqrstuvwxyz"  # no a/i/l/o: they read as words or digits
 DEFAULT_DIFFICULTY = 6
 MIN_DIFFICULTY = 2
-MAX_DIFFICULTY = len(KEY_ALPHABET)
 GRADER_KIND = "exact"
 
 # Cues that open a new attempt, with sampling weights (all cues of DESIGN.md §2 appear).
@@ -101,18 +103,26 @@ def _check_difficulty(difficulty: int) -> None:
         )
 
 
+def key_value(key: str) -> int:
+    """The value of a key: the last digit of the letter's place in the alphabet (``k`` -> 11 -> 1)."""
+    if len(key) != 1 or key not in KEY_ALPHABET:
+        raise ValueError(f"key must be one of {KEY_ALPHABET!r}, got {key!r}")
+    return (ord(key) - ord("a") + 1) % 10
+
+
+# Every target digit has at least 19 keys of other values (3 letters share each of 3, 4 and 6).
+MAX_DIFFICULTY = 1 + min(sum(key_value(k) != t for k in KEY_ALPHABET) for t in range(10))
+
+
 def make_problem(rng: random.Random, difficulty: int = DEFAULT_DIFFICULTY) -> Problem:
-    """Draw one problem with ``difficulty`` keys from ``rng``."""
+    """Draw one problem with ``difficulty`` keys from ``rng``: exactly one key has the target value."""
     _check_difficulty(difficulty)
-    keys = rng.sample(KEY_ALPHABET, difficulty)
     target = rng.randrange(10)
-    answer = rng.choice(keys)
-    others = [d for d in range(10) if d != target]
-    values = {k: (target if k == answer else rng.choice(others)) for k in keys}
-    # Key and value are adjacent tokens, in the prompt and in the trace's lookup paragraph: the
-    # lookup is then a plain two-layer induction head (find the key, copy the token after it).
-    listing = ", ".join(f"{k}{values[k]}" for k in keys)
-    prompt = f"Find the key whose value is {target}.\nKeys: {listing}."
+    answer = rng.choice([k for k in KEY_ALPHABET if key_value(k) == target])
+    others = rng.sample([k for k in KEY_ALPHABET if key_value(k) != target], difficulty - 1)
+    keys = rng.sample([answer, *others], difficulty)
+    values = {k: key_value(k) for k in keys}
+    prompt = f"Find the key whose value is {target}.\nKeys: {', '.join(keys)}."
     meta = {"keys": keys, "values": values, "target": target, "difficulty": difficulty}
     return Problem(prompt=prompt, answer=answer, meta=meta)
 

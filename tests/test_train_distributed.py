@@ -60,7 +60,8 @@ def launch(args, nproc=2, timeout=240):
         cmd = [sys.executable, "-m", "mrt_fast.train", *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_port", str(random.randint(20000, 40000)), "-m", "mrt_fast.train", *args]
+               # --standalone binds a free port itself: a random --master_port can be taken (EADDRINUSE)
+               "--standalone", "-m", "mrt_fast.train", *args]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return proc

@@ -3,6 +3,7 @@
 import json
 import math
 
+import numpy as np
 import pytest
 
 from mrt_fast.eval.compare import main, markdown_table, mean_std, shared_budgets, summarise
@@ -64,3 +65,93 @@ def test_cli_writes_table_json_and_plots(tmp_path):
 def test_cli_missing_eval_json_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no eval.json"):
         main(["--group", "grpo", str(tmp_path), "--out", str(tmp_path / "cmp")])
+
+
+# ----------------------------------------------------------------------------------------------
+# Paired bootstrap against a baseline
+# ----------------------------------------------------------------------------------------------
+
+
+def per_problem_result(correct, tokens, curves):
+    """An eval.json with per-problem rows: ``correct[p]`` / ``tokens[p]`` per sample, ``curves[p]`` = (tokens, J)."""
+    rows = [{"correct": c, "tokens": t} for c, t in zip(correct, tokens)]
+    return {"pass@1": 0.0, "mean_tokens": 0.0, "J_at_empty_prefix": 0.0, "J_at_end_of_thinking": 0.0,
+            "regret": {"100": 0.0}, "curve": {"tokens": [0, 100], "J": [0.0, 0.0]}, "per_problem": rows,
+            "curves": [{"problem": p, "tokens": x, "J": j} for p, (x, j) in enumerate(curves)]}
+
+
+def test_per_problem_table_by_hand():
+    from mrt_fast.eval.compare import per_problem_table
+
+    r = per_problem_result([[True, False], [True, True]], [[10, 30], [20, 20]],
+                           [([50, 100], [0.5, 1.0]), ([100], [0.0])])
+    t = per_problem_table(r, ["100"])
+    # pass@1, tokens, solved, J at the empty prefix, regret@100 (area: 0.5*50*0.5 + 50*(0.5+1)/2 = 50)
+    assert t.tolist() == [[0.5, 40.0, 1.0, 0.5, 0.5], [1.0, 40.0, 2.0, 0.0, 1.0]]
+
+
+def test_paired_bootstrap_exact_shift_has_a_zero_width_interval():
+    from mrt_fast.eval.compare import paired_bootstrap
+
+    rng = np.random.default_rng(1)
+    base = np.zeros((3, 20, 5))
+    base[..., 0] = rng.uniform(0, 0.8, (3, 20))       # pass@1
+    base[..., 1] = 100.0                               # tokens
+    base[..., 2] = 2.0                                 # solved
+    base[..., 4] = rng.uniform(0.2, 0.9, (3, 20))     # regret
+    method = base.copy()
+    method[..., 0] += 0.1
+    method[..., 1] = 50.0                              # half the tokens for the same solves
+    method[..., 4] -= 0.05
+    out = paired_bootstrap(method, base, ["100"], resamples=200)
+    assert out["pass@1"] == pytest.approx((0.1, 0.1, 0.1))
+    assert out["regret@100"] == pytest.approx((-0.05, -0.05, -0.05))
+    assert out["tokens_per_solve"] == pytest.approx((2.0, 2.0, 2.0))
+    assert out["J_at_empty_prefix"] == (0.0, 0.0, 0.0)
+
+
+def test_paired_bootstrap_interval_covers_the_point_and_reflects_noise():
+    from mrt_fast.eval.compare import paired_bootstrap
+
+    rng = np.random.default_rng(2)
+    base = np.ones((3, 64, 5))
+    base[..., 0] = rng.uniform(0, 1, (3, 64))
+    noisy = base.copy()
+    noisy[..., 0] = rng.uniform(0, 1, (3, 64))  # unrelated: the interval must include 0
+    v, lo, hi = paired_bootstrap(noisy, base, ["100"], resamples=500)["pass@1"]
+    assert lo < v < hi and lo < 0 < hi
+    shifted = base.copy()
+    shifted[..., 0] = np.clip(base[..., 0] + 0.2 + rng.normal(0, 0.05, (3, 64)), 0, 1)
+    v, lo, hi = paired_bootstrap(shifted, base, ["100"], resamples=500)["pass@1"]
+    assert 0 < lo < v < hi
+
+
+def test_paired_comparison_needs_matching_seeds_and_per_problem_rows():
+    from mrt_fast.eval.compare import paired_comparison
+
+    r = per_problem_result([[True]], [[10]], [([10], [1.0])])
+    with pytest.raises(ValueError, match="same seeds"):
+        paired_comparison({"grpo": [r, r], "mrt": [r]}, "grpo")
+    with pytest.raises(ValueError, match="not one of the groups"):
+        paired_comparison({"grpo": [r]}, "mrt")
+    with pytest.raises(ValueError, match="per-problem results"):
+        paired_comparison({"grpo": GRPO[:1], "mrt": MRT}, "grpo")
+
+
+def test_cli_baseline_writes_paired_table(tmp_path):
+    a = per_problem_result([[True, False], [False, False]], [[10, 30], [20, 20]],
+                           [([50, 100], [0.5, 1.0]), ([100], [0.0])])
+    b = per_problem_result([[True, True], [True, False]], [[10, 10], [20, 20]],
+                           [([50, 100], [1.0, 1.0]), ([100], [0.5])])
+    dirs = []
+    for name, r in (("g", a), ("m", b)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "eval.json").write_text(json.dumps(r))
+        dirs.append(str(tmp_path / name))
+    out = tmp_path / "cmp"
+    main(["--group", "grpo", dirs[0], "--group", "mrt", dirs[1], "--out", str(out), "--baseline", "grpo",
+          "--resamples", "100"])
+    paired = json.loads((out / "paired.json").read_text())
+    assert paired["mrt"]["pass@1"]["estimate"] == pytest.approx(0.75 - 0.25)
+    assert paired["mrt"]["tokens_per_solve"]["estimate"] == pytest.approx((80 / 1) / (60 / 3))
+    assert "Differences to grpo" in (out / "paired.md").read_text()

@@ -17,7 +17,9 @@ import json
 import statistics
 from pathlib import Path
 
-from .metrics import curve_on_grid
+import numpy as np
+
+from .metrics import curve_on_grid, normalized_regret
 
 METRICS = (
     ("pass@1", "accuracy (pass@1)"),
@@ -127,11 +129,118 @@ def write_comparison_plots(groups: dict[str, list[dict]], out_dir: str | Path) -
     return paths
 
 
+# ----------------------------------------------------------------------------------------------
+# Paired bootstrap against a baseline method
+# ----------------------------------------------------------------------------------------------
+
+
+def per_problem_table(result: dict, budgets: list[str]) -> np.ndarray:
+    """``[P, F]`` per held-out problem: pass@1, tokens generated, samples solved, J at the empty
+    prefix, then normalised regret at each budget (mean over that problem's measured traces)."""
+    rows = result.get("per_problem")
+    curves = result.get("curves")
+    if not rows or curves is None:
+        raise ValueError("a paired comparison needs per-problem results: evaluate with python -m mrt_fast.eval "
+                         "(its eval.json holds 'per_problem' and 'curves')")
+    by_problem: dict[int, list[dict]] = {}
+    for c in curves:
+        by_problem.setdefault(int(c["problem"]), []).append(c)
+    table = []
+    for p, row in enumerate(rows):
+        mine = by_problem.get(p, [])
+        if not mine:
+            raise ValueError(f"problem {p} has no measured trace (curve) in this eval.json")
+        values = [statistics.fmean(map(float, row["correct"])), float(sum(row["tokens"])),
+                  float(sum(row["correct"])), statistics.fmean(c["J"][0] for c in mine)]
+        values += [statistics.fmean(normalized_regret(c["tokens"], c["J"], float(b)) for c in mine) for b in budgets]
+        table.append(values)
+    return np.asarray(table, dtype=np.float64)
+
+
+def _statistics(x: np.ndarray, budgets: list[str]) -> dict[str, float]:
+    """Method-level statistics of a ``[S, P, F]`` block (seeds x problems x fields)."""
+    stats = {"pass@1": float(x[..., 0].mean()), "J_at_empty_prefix": float(x[..., 3].mean())}
+    solved = x[..., 2].sum()
+    stats["tokens_per_solve"] = float(x[..., 1].sum() / solved) if solved > 0 else float("inf")
+    for i, b in enumerate(budgets):
+        stats[f"regret@{b}"] = float(x[..., 4 + i].mean())
+    return stats
+
+
+def _contrast(method: dict[str, float], baseline: dict[str, float]) -> dict[str, float]:
+    """Differences method - baseline, except tokens per solve: baseline / method (> 1 = fewer tokens)."""
+    out = {k: method[k] - baseline[k] for k in method if k != "tokens_per_solve"}
+    out["tokens_per_solve"] = baseline["tokens_per_solve"] / method["tokens_per_solve"]
+    return out
+
+
+def paired_bootstrap(method: np.ndarray, baseline: np.ndarray, budgets: list[str], *, resamples: int = 2000,
+                     seed: int = 0) -> dict[str, tuple[float, float, float]]:
+    """``{statistic: (point, low, high)}``: the contrast of two ``[S, P, F]`` blocks with a paired
+    bootstrap 95% interval (seeds and problems resampled with replacement, the same draws for both)."""
+    if method.shape != baseline.shape:
+        raise ValueError(f"paired blocks must have the same seeds x problems x fields, got {method.shape} "
+                         f"and {baseline.shape}")
+    if resamples < 100:
+        raise ValueError(f"resamples must be >= 100, got {resamples}")
+    point = _contrast(_statistics(method, budgets), _statistics(baseline, budgets))
+    rng = np.random.default_rng(seed)
+    n_seeds, n_problems = method.shape[:2]
+    draws: dict[str, list[float]] = {k: [] for k in point}
+    for _ in range(resamples):
+        s = rng.integers(0, n_seeds, n_seeds)[:, None]
+        p = rng.integers(0, n_problems, n_problems)[None, :]
+        c = _contrast(_statistics(method[s, p], budgets), _statistics(baseline[s, p], budgets))
+        for k, v in c.items():
+            draws[k].append(v)
+    # inverted_cdf picks observed values (no interpolation), so a resample with no solved problem
+    # (tokens per solve = inf) cannot turn a bound into NaN.
+    return {k: (v, *(float(q) for q in np.quantile(draws[k], [0.025, 0.975], method="inverted_cdf")))
+            for k, v in point.items()}
+
+
+def paired_comparison(groups: dict[str, list[dict]], baseline: str, **kwargs) -> dict[str, dict]:
+    """Every method against ``baseline`` with :func:`paired_bootstrap` over the budgets all results share."""
+    if baseline not in groups:
+        raise ValueError(f"--baseline {baseline!r} is not one of the groups {list(groups)}")
+    budgets = shared_budgets(groups)
+    base = np.stack([per_problem_table(r, budgets) for r in groups[baseline]])
+    out = {}
+    for label, results in groups.items():
+        if label == baseline:
+            continue
+        if len(results) != len(groups[baseline]):
+            raise ValueError(f"group {label!r} has {len(results)} seeds but the baseline {baseline!r} has "
+                             f"{len(groups[baseline])}: pairing needs the same seeds")
+        block = np.stack([per_problem_table(r, budgets) for r in results])
+        out[label] = paired_bootstrap(block, base, budgets, **kwargs)
+    return out
+
+
+def paired_markdown(paired: dict[str, dict], baseline: str) -> str:
+    """One row per method: point estimate and [2.5%, 97.5%] of each contrast to the baseline."""
+    if not paired:
+        return ""
+    columns = list(next(iter(paired.values())))
+    names = {"tokens_per_solve": f"tokens per solve ({baseline} / method)"}
+    header = ["method"] + [names.get(c, f"Δ {c}") for c in columns]
+    lines = [f"Differences to {baseline} (paired bootstrap 95% intervals over seeds and problems)", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for label, row in paired.items():
+        lines.append("| " + " | ".join([label] + [f"{v:+.3f} [{lo:+.3f}, {hi:+.3f}]" if c != "tokens_per_solve"
+                                                    else f"{v:.2f}x [{lo:.2f}, {hi:.2f}]"
+                                                    for c, (v, lo, hi) in row.items()]) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m mrt_fast.eval.compare", description=__doc__.split("\n")[0])
     parser.add_argument("--group", nargs="+", action="append", required=True, metavar=("LABEL", "DIR"),
                         help="a method's label and the eval directories (or eval.json files) of its seeds")
     parser.add_argument("--out", required=True, help="directory for compare.md, compare.json and the plots")
+    parser.add_argument("--baseline", default=None, metavar="LABEL",
+                        help="also compare every group with this one (paired bootstrap; writes paired.md/json)")
+    parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples (default: 2000)")
     args = parser.parse_args(argv)
     groups: dict[str, list[dict]] = {}
     for label, *dirs in args.group:
@@ -149,7 +258,16 @@ def main(argv: list[str] | None = None) -> dict:
         indent=2) + "\n")
     plots = write_comparison_plots(groups, out)
     print(markdown_table(table), end="")
-    print(f"wrote {out / 'compare.md'}, {out / 'compare.json'}, " + ", ".join(plots))
+    written = [str(out / "compare.md"), str(out / "compare.json"), *plots]
+    if args.baseline is not None:
+        paired = paired_comparison(groups, args.baseline, resamples=args.resamples)
+        (out / "paired.md").write_text(paired_markdown(paired, args.baseline))
+        (out / "paired.json").write_text(json.dumps(
+            {label: {k: {"estimate": v, "low": lo, "high": hi} for k, (v, lo, hi) in row.items()}
+             for label, row in paired.items()}, indent=2) + "\n")
+        print(paired_markdown(paired, args.baseline), end="")
+        written += [str(out / "paired.md"), str(out / "paired.json")]
+    print("wrote " + ", ".join(written))
     return table
 
 

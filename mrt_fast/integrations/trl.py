@@ -77,13 +77,17 @@ class ChunkedLogProbs:
             return _trl_original("_ChunkedLogProbFunction").apply(
                 hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping, logit_scale, outputs)
         call_counts["chunked_log_probs"] += 1
-        if not torch.is_autocast_enabled(hidden.device.type):
-            # TRL computes in hidden's dtype (e.g. fp32 with cast_lm_head_to_fp32 and a bf16 head).
-            weight = weight.to(hidden.dtype)
-            bias = None if bias is None else bias.to(hidden.dtype)
-        # chunk_size is TRL's vocabulary tile; our kernels choose their own blocks.
-        logp, entropy = token_logprobs(hidden, weight, targets, bias=bias, return_entropy=True,
-                                       temperature=float(temperature) / float(logit_scale))
+        # Operands in TRL's compute dtype: the autocast dtype, else hidden's (fp32 with
+        # cast_lm_head_to_fp32 and a bf16 head). Autocast is then switched off so that it cannot
+        # round our fp32 logits back to 16 bits.
+        device = hidden.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+        with torch.autocast(device, enabled=False):
+            # chunk_size is TRL's vocabulary tile; our kernels choose their own blocks.
+            logp, entropy = token_logprobs(hidden, weight, targets, bias=bias, return_entropy=True,
+                                           temperature=float(temperature) / float(logit_scale))
         return logp, (entropy if "entropy" in outputs else None), None, None, None
 
 

@@ -207,3 +207,43 @@ def test_grpo_trainer_patched_equals_unpatched():
     assert max((want[k] - initial[k]).abs().max().item() for k in want) > 1e-3
     for name in want:
         torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=0, msg=name)
+
+
+def test_sft_trainer_asks_for_is_top1_and_gets_trls_function():
+    """The patch is process-wide: SFT's fused head wants is_top1, which we hand back to TRL."""
+    from datasets import Dataset
+    from transformers import Qwen2ForCausalLM
+    from trl import SFTConfig, SFTTrainer
+
+    from mrt_fast.data.tiny_model import tiny_model_config
+    from mrt_fast.data.tokenizer import load_tiny_tokenizer
+
+    tokenizer = load_tiny_tokenizer()
+    final = []
+    for patched in (False, True):
+        torch.manual_seed(0)
+        model = Qwen2ForCausalLM(tiny_model_config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                                   num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2))
+        args = SFTConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=4, max_steps=2, learning_rate=0.1,
+                         optim="sgd", bf16=False, use_cpu=True, seed=0, report_to=[], save_strategy="no",
+                         disable_tqdm=True)
+        texts = Dataset.from_dict({"text": ["12+3=15", "7*8=56", "5-2=3", "9+9=18"]})
+        handed_back = adapter.call_counts["chunked_log_probs/trl"]
+        if patched:
+            adapter.patch()
+        try:
+            SFTTrainer(model=model, args=args, train_dataset=texts, processing_class=tokenizer).train()
+        finally:
+            adapter.unpatch()
+        if patched:
+            assert adapter.call_counts["chunked_log_probs/trl"] - handed_back == 2
+        final.append({name: p.detach().clone() for name, p in model.named_parameters()})
+    for name in final[0]:
+        assert torch.equal(final[0][name], final[1][name]), name
+
+
+def test_versions_older_than_the_contract_are_refused():
+    from mrt_fast.integrations._patching import Library
+
+    with pytest.raises(UnsupportedVersionError, match=r"older than .* supports trl >= 99"):
+        Library("trl", "trl >= 99", minimum=(99,))

@@ -157,6 +157,30 @@ def test_linear_cross_entropy_has_verls_contract():
     torch.testing.assert_close(entropy, want_entropy)
 
 
+def test_linear_cross_entropy_keeps_fp32_logits_under_autocast():
+    """verl's actor forward runs under bf16 autocast: the operands are bf16, the logits are not."""
+    g = torch.Generator().manual_seed(2)
+    hidden, weight = torch.randn(64, 32, generator=g), torch.randn(300, 32, generator=g) / 3
+    labels = torch.randint(0, 300, (64,), generator=g)
+    h16, w16 = hidden.bfloat16().double(), weight.bfloat16().double()
+    exact = torch.log_softmax(h16 @ w16.T, -1).gather(1, labels[:, None])[:, 0]
+    with use_backend("torch"), torch.autocast("cpu", dtype=torch.bfloat16):
+        logp, _ = adapter.linear_cross_entropy(hidden, weight, labels, 1.0)
+    assert logp.dtype == torch.float32
+    torch.testing.assert_close(logp.double(), exact, atol=1e-4, rtol=1e-5)
+
+
+def test_linear_cross_entropy_hands_tensor_parallel_calls_to_verl():
+    """With a process group (Megatron's vocab-parallel head) the call reaches verl's own kernel."""
+    import traceback
+
+    hidden, weight, labels = torch.randn(4, 8), torch.randn(10, 8), torch.randint(0, 10, (4,))
+    with pytest.raises(Exception) as raised:  # verl's kernel is Triton-only: it fails on CPU tensors
+        adapter.linear_cross_entropy(hidden, weight, labels, 1.0, "none", object())
+    frames = [frame.filename for frame in traceback.extract_tb(raised.value.__traceback__)]
+    assert any(name.endswith("verl/utils/kernel/linear_cross_entropy.py") for name in frames), frames
+
+
 def test_register_kernel_swaps_every_bound_copy_and_unregister_restores(monkeypatch):
     import verl.utils.kernel.linear_cross_entropy as kernel_module
 

@@ -25,7 +25,8 @@ from typing import Any
 import torch
 
 from mrt_fast.integrations._patching import Library, Swaps
-from mrt_fast.loss import logprobs_from_logits, token_logprobs
+from mrt_fast.integrations._logprobs import logprobs_like_host
+from mrt_fast.loss import logprobs_from_logits
 
 __all__ = ["ChunkedLogProbs", "SUPPORTED", "call_counts", "patch", "selective_log_softmax", "unpatch"]
 
@@ -77,17 +78,8 @@ class ChunkedLogProbs:
             return _trl_original("_ChunkedLogProbFunction").apply(
                 hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping, logit_scale, outputs)
         call_counts["chunked_log_probs"] += 1
-        # Operands in TRL's compute dtype: the autocast dtype, else hidden's (fp32 with
-        # cast_lm_head_to_fp32 and a bf16 head). Autocast is then switched off so that it cannot
-        # round our fp32 logits back to 16 bits.
-        device = hidden.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
-        hidden, weight = hidden.to(dtype), weight.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
-        with torch.autocast(device, enabled=False):
-            # chunk_size is TRL's vocabulary tile; our kernels choose their own blocks.
-            logp, entropy = token_logprobs(hidden, weight, targets, bias=bias, return_entropy=True,
-                                           temperature=float(temperature) / float(logit_scale))
+        # chunk_size is TRL's vocabulary tile; our kernels choose their own blocks.
+        logp, entropy = logprobs_like_host(hidden, weight, bias, targets, float(temperature) / float(logit_scale))
         return logp, (entropy if "entropy" in outputs else None), None, None, None
 
 

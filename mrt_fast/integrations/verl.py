@@ -9,7 +9,7 @@
   too) are ignored.
 * :func:`linear_cross_entropy` - verl's ``linear_cross_entropy(hidden, weight, labels,
   temperature, reduction, dist_process_group)`` returning flattened ``[N]`` log-probs and entropy
-  from :func:`mrt_fast.loss.token_logprobs`. Tensor-parallel vocabularies
+  from :func:`mrt_fast.loss.token_logprobs` (fp32 logits even under autocast). Tensor-parallel vocabularies
   (``dist_process_group`` set) and reductions other than ``"none"`` go to verl's own kernel.
   verl calls it only with ``use_fused_kernels=True`` and ``fused_kernel_options.impl_backend=triton``.
 
@@ -25,9 +25,9 @@ from typing import Any
 
 import torch
 
+from mrt_fast.integrations._logprobs import logprobs_like_host
 from mrt_fast.integrations._patching import Library, Swaps
 from mrt_fast.kernels.reference import masked_mean, policy_token_terms, weighted_sum
-from mrt_fast.loss import token_logprobs
 
 __all__ = ["SUPPORTED", "VERL_LOSS_AGG_MODES", "linear_cross_entropy", "policy_loss", "register",
            "unregister", "verl_aggregation_weights"]
@@ -167,8 +167,7 @@ def linear_cross_entropy(
     if not isinstance(labels, torch.Tensor) or labels.numel() * hidden.shape[-1] != hidden.numel():
         raise ValueError(f"labels must hold one id per row of hidden {tuple(hidden.shape[:-1])}, "
                          f"got {getattr(labels, 'shape', type(labels))}")
-    return token_logprobs(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1),
-                          temperature=temperature, return_entropy=True)
+    return logprobs_like_host(hidden.reshape(-1, hidden.shape[-1]), weight, None, labels.reshape(-1), temperature)
 
 
 def _verl_kernel():

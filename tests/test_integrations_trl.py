@@ -17,7 +17,7 @@ trl = pytest.importorskip("trl", reason="trl is not installed (pip install -e '.
 import trl.trainer.utils as trl_utils  # noqa: E402
 
 from mrt_fast.integrations import trl as adapter  # noqa: E402
-from mrt_fast.integrations._patching import UnsupportedVersionError  # noqa: E402
+from mrt_fast.integrations import UnsupportedVersionError  # noqa: E402
 from mrt_fast.kernels import use_backend  # noqa: E402
 
 TRL_CHUNKED = trl_utils._ChunkedLogProbFunction

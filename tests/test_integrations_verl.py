@@ -18,7 +18,7 @@ core_algos = pytest.importorskip("verl.trainer.ppo.core_algos",
 from verl.workers.config import FSDPActorConfig, PolicyLossConfig  # noqa: E402
 
 from mrt_fast.integrations import verl as adapter  # noqa: E402
-from mrt_fast.integrations._patching import UnsupportedVersionError  # noqa: E402
+from mrt_fast.integrations import UnsupportedVersionError  # noqa: E402
 from mrt_fast.kernels import reference as R  # noqa: E402
 from mrt_fast.kernels import use_backend  # noqa: E402
 

@@ -8,4 +8,10 @@
   ``actor_rollout_ref.model.external_lib`` so every Ray worker loads it.
 
 Nothing here is imported by ``import mrt_fast``; each module imports its library only when called.
+A library whose version or signatures differ from what an adapter expects raises
+:class:`UnsupportedVersionError` before anything is replaced.
 """
+
+from mrt_fast.integrations._patching import UnsupportedVersionError
+
+__all__ = ["UnsupportedVersionError"]

@@ -139,6 +139,8 @@ def patch(*, lm_head: bool = True, from_logits: bool = True) -> None:
         lm_head: replace ``_ChunkedLogProbFunction`` (the fused LM head every trainer uses).
         from_logits: replace ``selective_log_softmax`` (code that holds logits).
 
+    A second call while patched changes nothing (call :func:`unpatch` first to change the selection).
+
     Raises:
         UnsupportedVersionError: TRL is missing, older than 1.15, or a target's signature differs;
             nothing is replaced then.

@@ -113,10 +113,11 @@ def policy_loss(
     ``global_batch_size``, ``loss_scale_factor``, filled by verl's ``ppo_loss``) from ``config``.
     Metrics: ``actor/pg_clipfrac``, ``actor/pg_clipfrac_lower``, ``actor/ppo_kl`` (floats).
     """
-    for name, t in (("old_log_prob", old_log_prob), ("log_prob", log_prob), ("advantages", advantages),
-                    ("response_mask", response_mask), ("rollout_is_weights", rollout_is_weights)):
-        if t is None and name == "rollout_is_weights":
-            continue
+    tensors = {"old_log_prob": old_log_prob, "log_prob": log_prob, "advantages": advantages,
+               "response_mask": response_mask}
+    if rollout_is_weights is not None:
+        tensors["rollout_is_weights"] = rollout_is_weights
+    for name, t in tensors.items():
         if not isinstance(t, torch.Tensor) or t.dim() != 2:
             raise ValueError(f"{name} must be a [B, T] tensor, got {getattr(t, 'shape', type(t).__name__)}")
         if t.shape != log_prob.shape:

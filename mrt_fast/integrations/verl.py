@@ -20,7 +20,6 @@ verl runs its actor in Ray worker processes: name :mod:`mrt_fast.integrations.ve
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -51,8 +50,8 @@ def _config_get(config: Any, key: str, default: Any = None) -> Any:
     """``config.key`` for verl's ``ActorConfig``, ``DictConfig`` or a plain dict; None counts as unset."""
     if config is None:
         return default
-    value = config.get(key, default) if isinstance(config, Mapping) or hasattr(config, "get") else getattr(
-        config, key, default)
+    # verl's configs (ActorConfig, DictConfig) and dicts all have .get
+    value = config.get(key, default) if hasattr(config, "get") else getattr(config, key, default)
     return default if value is None else value
 
 

@@ -47,14 +47,11 @@ __all__ = [
     "KL_ESTIMATORS",
     "LOSS_AGGS",
     "MRTPolicyLoss",
-    "TRLChunkedLogProbs",
-    "linear_cross_entropy",
     "policy_loss_from_logprobs",
     "fused_policy_loss",
     "logprobs_from_logits",
     "policy_loss_from_logits",
     "token_logprobs",
-    "verl_policy_loss",
 ]
 
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)

@@ -118,6 +118,18 @@ def test_selective_log_softmax_equals_trls(layout):
                                rtol=1e-5)
 
 
+def test_trls_own_callers_reach_the_patched_selective_log_softmax():
+    logits = torch.randn(2, 5, 30, generator=torch.Generator().manual_seed(6))
+    index = torch.randint(0, 30, (2, 5), generator=torch.Generator().manual_seed(7))
+    want, want_entropy = trl_utils.selective_log_softmax_and_entropy(logits, index, temperature=0.7)
+    adapter.patch()
+    before = adapter.call_counts["selective_log_softmax"]
+    got, entropy = trl_utils.selective_log_softmax_and_entropy(logits, index, temperature=0.7)
+    assert adapter.call_counts["selective_log_softmax"] == before + 1
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(entropy, want_entropy)
+
+
 def test_patch_reaches_every_binding_and_unpatch_restores(monkeypatch):
     # TRL's trainers that take selective_log_softmax import it by name; stand in one loaded module.
     bound = types.ModuleType("trl.experimental._bound_copy")

@@ -3,15 +3,16 @@
 Two layers (see docs/loss.md for TRL and verl recipes):
 
 * :func:`token_logprobs` - ``(hidden [N, H], weight [V, H], targets [N]) -> logprobs [N]``
-  (and entropy), differentiable, for codebases that build their own loss (TRL's
-  ``selective_log_softmax`` / chunked log-prob function, verl's ``linear_cross_entropy``).
+  (and entropy), differentiable, for codebases that build their own loss (TRL's chunked
+  log-prob function, verl's ``linear_cross_entropy``).
 * :func:`fused_policy_loss` / :class:`MRTPolicyLoss` - log-probs, PPO/GRPO clipped ratio
   (asymmetric eps, dual clip), advantages per token / episode / sequence, KL to a reference
   policy, entropy bonus, verl/TRL loss aggregations; one vocabulary pass, gradients computed
   eagerly (6*N*H*V FLOPs).
 
 From-logits variants (:func:`logprobs_from_logits`, :func:`policy_loss_from_logits`) serve code
-that already holds logits, and :func:`verl_policy_loss` is a verl ``register_policy_loss`` adapter.
+that already holds logits. TRL and verl adapters are in :mod:`mrt_fast.integrations`
+(``TRLChunkedLogProbs``, ``linear_cross_entropy`` and ``verl_policy_loss`` remain importable here).
 
 Backend per call: CUDA tensors run Triton, CPU tensors a chunked PyTorch path, and with
 ``TRITON_INTERPRET=1`` the Triton kernels run on the CPU. Override with
@@ -46,14 +47,11 @@ __all__ = [
     "KL_ESTIMATORS",
     "LOSS_AGGS",
     "MRTPolicyLoss",
-    "TRLChunkedLogProbs",
-    "linear_cross_entropy",
     "policy_loss_from_logprobs",
     "fused_policy_loss",
     "logprobs_from_logits",
     "policy_loss_from_logits",
     "token_logprobs",
-    "verl_policy_loss",
 ]
 
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
@@ -212,43 +210,6 @@ def logprobs_from_logits(
     logp, entropy = LogitsLogprobs.apply(logits.reshape(-1, vocab), flat_targets, temperature, None)
     logp, entropy = logp.view(targets.shape), entropy.view(targets.shape)
     return (logp, entropy) if return_entropy else logp
-
-
-def linear_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
-    reduction: str = "none",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """verl's ``linear_cross_entropy(hidden, weight, labels, temperature, reduction)`` contract.
-
-    ``hidden [..., H]`` and ``labels [...]`` -> ``(log_probs [...], entropy [...])`` fp32, the
-    drop-in for ``verl.utils.kernel.linear_cross_entropy.linear_cross_entropy`` (see docs/loss.md).
-    Only ``reduction="none"`` is supported (what verl's actor uses).
-    """
-    if reduction != "none":
-        raise ValueError(f"reduction must be 'none' (per-token log-probs), got {reduction!r}")
-    if not isinstance(hidden, torch.Tensor) or hidden.dim() < 2:
-        raise ValueError("hidden must be a tensor of shape [..., H]")
-    if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != tuple(hidden.shape[:-1]):
-        raise ValueError(f"labels must have shape {tuple(hidden.shape[:-1])} (hidden without H)")
-    logp, entropy = token_logprobs(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1),
-                                   temperature=temperature, return_entropy=True)
-    return logp.view(labels.shape), entropy.view(labels.shape)
-
-
-class TRLChunkedLogProbs:
-    """Stand-in for TRL's ``trl.trainer.utils._ChunkedLogProbFunction`` (same ``apply`` signature).
-
-    ``logit_scale`` (Cohere) folds into the temperature; ``chunk_size`` is TRL's and is ignored
-    (our kernels pick their own blocks); ``final_logit_softcapping`` is not supported.
-    """
-
-    @staticmethod
-    def apply(last_hidden, weight, targets, temperature, chunk_size=None, final_logit_softcapping=None,
-              logit_scale=1.0):
-        if final_logit_softcapping is not None:
-            raise ValueError("final_logit_softcapping is not supported by mrt_fast's kernels; keep TRL's function")
-        return token_logprobs(last_hidden, weight, targets, temperature=float(temperature) / float(logit_scale),
-                              return_entropy=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -524,67 +485,19 @@ class MRTPolicyLoss(nn.Module):
         return ", ".join(f"{k}={v!r}" for k, v in self.config.items())
 
 
-# --------------------------------------------------------------------------------------------
-# verl adapter
-# --------------------------------------------------------------------------------------------
+# Adapters for other libraries live in mrt_fast.integrations; these names stay importable from
+# here, loaded on first use (the adapters import this module).
+_MOVED = {
+    "TRLChunkedLogProbs": ("mrt_fast.integrations.trl", "ChunkedLogProbs"),
+    "linear_cross_entropy": ("mrt_fast.integrations.verl", "linear_cross_entropy"),
+    "verl_policy_loss": ("mrt_fast.integrations.verl", "policy_loss"),
+}
 
 
-def _config_get(config: Any, key: str, default: Any = None) -> Any:
-    if config is None:
-        return default
-    if isinstance(config, Mapping):
-        value = config.get(key, default)
-    else:
-        value = getattr(config, key, default)
-    return default if value is None else value
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        import importlib
 
-
-def verl_policy_loss(
-    old_log_prob: torch.Tensor,
-    log_prob: torch.Tensor,
-    advantages: torch.Tensor,
-    response_mask: torch.Tensor,
-    loss_agg_mode: str = "token-mean",
-    config: Any = None,
-    rollout_is_weights: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, dict[str, Any]]:
-    """verl ``PolicyLossFn``: register with ``register_policy_loss("mrt_fast")(verl_policy_loss)``.
-
-    Inputs are verl's ``[B, T]`` tensors. From ``config`` (verl's ``ActorConfig`` or a dict) it
-    reads ``clip_ratio``, ``clip_ratio_low``, ``clip_ratio_high``, ``clip_ratio_c`` (dual clip, verl
-    default 3.0), ``loss_scale_factor`` and ``global_batch_info`` (``dp_size``,
-    ``batch_num_tokens``, ``global_batch_size``), with verl's meaning. Metrics use verl's names:
-    ``actor/pg_clipfrac``, ``actor/pg_clipfrac_lower``, ``actor/ppo_kl``.
-    """
-    for name, t in (("old_log_prob", old_log_prob), ("log_prob", log_prob), ("advantages", advantages),
-                    ("response_mask", response_mask)):
-        _check_tensor(name, t, ndim=2, shape_doc="[B, T]")
-        if t.shape != log_prob.shape:
-            raise ValueError(f"{name} must have log_prob's shape {tuple(log_prob.shape)}, got {tuple(t.shape)}")
-    B, T = log_prob.shape
-    clip = _config_get(config, "clip_ratio", 0.2)
-    mask = response_mask.reshape(-1).to(torch.float32)
-    seq_ids = torch.arange(B, device=log_prob.device).repeat_interleave(T)
-    batch_info = _config_get(config, "global_batch_info", {}) or {}
-    loss, metrics = policy_loss_from_logprobs(
-        log_prob.reshape(-1), advantages.reshape(-1), loss_mask=mask, old_logprobs=old_log_prob.reshape(-1),
-        seq_ids=seq_ids, eps_low=_config_get(config, "clip_ratio_low", clip),
-        eps_high=_config_get(config, "clip_ratio_high", clip), dual_clip=_config_get(config, "clip_ratio_c", 3.0),
-        loss_agg=loss_agg_mode, max_len=int(_config_get(config, "loss_scale_factor", T)),
-        token_scale=None if rollout_is_weights is None else rollout_is_weights.reshape(-1).float(),
-    )
-    # verl's global-batch normalisers replace the local ones (agg_loss, dp_size/batch_num_tokens/global_batch_size).
-    dp_size = batch_info.get("dp_size", 1)
-    if loss_agg_mode == "token-mean" and batch_info.get("batch_num_tokens") is not None:
-        loss = loss * mask.sum().clamp(min=1.0) / batch_info["batch_num_tokens"] * dp_size
-    elif loss_agg_mode in ("seq-mean-token-sum", "seq-mean-token-mean") and batch_info.get("global_batch_size"):
-        nonempty = (response_mask.sum(-1) > 0).sum().clamp(min=1)
-        loss = loss * nonempty / batch_info["global_batch_size"] * dp_size
-    log_ratio = (log_prob - old_log_prob).clamp(-20.0, 20.0).reshape(-1)
-    pg_metrics = {
-        # verl counts a token as clipped when the clipped branch is strictly larger.
-        "actor/pg_clipfrac": float(metrics["clip_ratio/region"]),
-        "actor/pg_clipfrac_lower": float(metrics["clip_ratio/dual"]),
-        "actor/ppo_kl": float(masked_mean(-log_ratio, mask)),
-    }
-    return loss, pg_metrics
+        module, attr = _MOVED[name]
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -173,23 +173,3 @@ def test_backend_selection(monkeypatch):
     assert resolve_backend(cpu) == "torch"  # auto on CPU without the interpreter
     with use_backend("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         resolve_backend(cpu)
-
-
-def test_verl_and_trl_log_prob_adapters():
-    from mrt_fast.loss import TRLChunkedLogProbs, linear_cross_entropy
-
-    hidden, weight, _, _ = make_inputs(12, 16, 40, dtype=torch.float64, bias=False, seed=21)
-    labels = torch.randint(0, 40, (3, 4))
-    with use_backend("torch"):
-        logp, ent = linear_cross_entropy(hidden.view(3, 4, 16), weight, labels, 0.9, "none")
-        want_lp, want_ent = R.logprobs_and_entropy(R.linear_logits(hidden, weight, None, 0.9), labels.reshape(-1))
-        torch.testing.assert_close(logp, want_lp.view(3, 4))
-        torch.testing.assert_close(ent, want_ent.view(3, 4))
-        # TRL's logit_scale multiplies the logits: the same as dividing the temperature by it.
-        logp2, ent2 = TRLChunkedLogProbs.apply(hidden, weight, labels.reshape(-1), 1.8, 4096, None, 2.0)
-        torch.testing.assert_close(logp2, want_lp)
-        torch.testing.assert_close(ent2, want_ent)
-    with pytest.raises(ValueError, match="softcapping"):
-        TRLChunkedLogProbs.apply(hidden, weight, labels.reshape(-1), 1.0, 4096, 30.0, 1.0)
-    with pytest.raises(ValueError, match="reduction"):
-        linear_cross_entropy(hidden.view(3, 4, 16), weight, labels, 1.0, "mean")

@@ -696,7 +696,7 @@ def run(cfg: RunConfig, *, export_only: bool = False) -> dict[str, Any]:
         state = checkpoint.load(resume_from, actor, optimizer, scheduler=scheduler)
         step, data_position = state["step"], state["trainer"].get("data_position", 0)
         say(f"[mrt_fast.train] resumed from {resume_from} at step {step}"
-            + ("" if state["rng_restored"] else " (different world size: RNG streams restart)"))
+            + ("" if state["rng_restored"] else f" ({state['rng_note']})"))
     engine = build_engine(cfg, rollout_model, tokenizer)
     sync_engine(engine, actor)
 

@@ -98,7 +98,7 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids)
         for t in self.stop_token_ids:
             if not _is_int(t) or not 0 <= t <= MAX_ID:
-                raise ValueError(f"stop_token_ids must be ints in [0, 2**63), got {self.stop_token_ids!r}")
+                raise ValueError(f"stop_token_ids must be non-negative ints below 2**63, got {self.stop_token_ids!r}")
         if self.seed is not None and not _is_int(self.seed):
             raise TypeError(f"seed must be an int or None, got {type(self.seed).__name__}")
         _check_bool("ignore_eos", self.ignore_eos)

@@ -4,7 +4,7 @@ edge inputs that are legitimate (masked vocabulary, sparse sequence ids) compute
 import pytest
 import torch
 
-from mrt_fast.kernels import use_backend
+from mrt_fast.kernels import reference, use_backend
 from mrt_fast.loss import (
     MRTPolicyLoss,
     fused_policy_loss,
@@ -234,6 +234,12 @@ def test_masked_logits_entropy_and_gradients_from_logits():
     ((logp * a).sum() + (ent * b).sum()).backward()
     torch.testing.assert_close(ent, ent_ref.detach(), rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(hk.grad, hr.grad, rtol=1e-9, atol=1e-9)
+    # The shipped reference maths (kernels/reference.py) agrees, value and gradient.
+    hs = h.clone().requires_grad_()
+    logp_s, ent_s = reference.logprobs_and_entropy(hs @ w.T + bias, targets)
+    ((logp_s * a).sum() + (ent_s * b).sum()).backward()
+    torch.testing.assert_close(ent_s, ent_ref.detach(), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(hs.grad, hr.grad, rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

@@ -40,9 +40,11 @@ def logprobs_and_entropy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[t
     logits = logits.float() if logits.dtype in (torch.bfloat16, torch.float16) else logits
     logp_all = torch.log_softmax(logits, dim=-1)
     logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    # A -inf logit (a masked token) has p = 0 and adds 0 * log 0 = 0, as torch.distributions.Categorical;
-    # the clamp keeps 0 * -inf (NaN) out of the value and of the gradient.
-    entropy = -(logp_all.exp() * logp_all.clamp(min=torch.finfo(logp_all.dtype).min)).sum(-1)
+    # A -inf logit (a masked token) has p = 0 and adds 0 * log 0 = 0, as torch.distributions.Categorical.
+    # Zeroing its log-prob (not clamping it to the dtype's minimum, whose product with an upstream
+    # gradient overflows) keeps 0 * -inf out of the value and of the gradient.
+    finite_logp = torch.where(logp_all > float("-inf"), logp_all, torch.zeros_like(logp_all))
+    entropy = -(logp_all.exp() * finite_logp).sum(-1)
     return logp, entropy
 
 

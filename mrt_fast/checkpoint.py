@@ -238,8 +238,10 @@ def save(
     bad = non_finite_weights(model)
     if _agree(RuntimeError() if bad else None):
         shown = ", ".join(f"{k} ({v})" for k, v in list(bad.items())[:5])
+        last = latest(run_dir)
         raise CheckpointError(f"refusing to save step {step}: the weights are not all finite"
-                              + (f" (non-finite values in {shown})" if bad else " on another rank"))
+                              + (f" (non-finite values in {shown})" if bad else " on another rank")
+                              + f"; last good checkpoint: {last if last is not None else 'none'}")
     root = checkpoint_root(run_dir)
     final = root / f"step_{step}"
     tmp = root / f"step_{step}{INCOMPLETE}"

@@ -1,10 +1,12 @@
 """The run-directory rules: no silent rerun over a run, one config per segment, changes said (and
 refused where a resume cannot honour them), metrics without duplicate steps after a resume,
-and a lost ``latest`` pointer that resumes (and exports) the newest step, never step 0."""
+a lost ``latest`` pointer that resumes (and exports) the newest step, never step 0, and no
+checkpoint of non-finite weights."""
 
 import json
 
 import pytest
+import torch
 from test_train import assets, sft_config  # noqa: F401 - the module fixture is used by name
 
 from mrt_fast import run_dir, train
@@ -92,3 +94,23 @@ def test_which_changes_a_resume_cannot_honour(old, new, refused):
     changes = run_dir.config_changes(old, new)
     assert "output_dir" not in changes
     assert [k for k in changes if run_dir._not_honoured(k)] == refused
+
+
+def test_a_run_whose_weights_turn_non_finite_saves_no_checkpoint_of_them(assets, tmp_path, monkeypatch, capsys):  # noqa: F811
+    step = torch.optim.AdamW.step
+    calls = {"n": 0}
+
+    def blow_up(self, *args, **kwargs):  # fault injection: the second update leaves an inf weight
+        out = step(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].view(-1)[0] = float("inf")
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", blow_up)
+    assert cli(assets, tmp_path, "--train.steps", "3") == 2
+    err = capsys.readouterr().err
+    assert "refusing to save step 2: the weights are not all finite" in err
+    assert f"last good checkpoint: {tmp_path / 'checkpoints' / 'step_1'}" in err
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_1"]

@@ -17,8 +17,9 @@ Backend per call: CUDA tensors run Triton, CPU tensors a chunked PyTorch path, a
 ``TRITON_INTERPRET=1`` the Triton kernels run on the CPU. Override with
 ``mrt_fast.kernels.use_backend(...)`` or ``MRT_FAST_KERNEL_BACKEND``.
 
-Input checks raise ``ValueError`` naming the argument. The range and finiteness checks read
-values (one device sync each on CUDA, a few microseconds next to a ~50 ms loss).
+Input checks (:mod:`mrt_fast._checks`) raise ``ValueError`` or ``TypeError`` naming the argument.
+The range and finiteness checks read values (one device sync each on CUDA, a few microseconds next
+to a ~50 ms loss).
 """
 
 from __future__ import annotations

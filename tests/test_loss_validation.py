@@ -10,6 +10,7 @@ from mrt_fast.loss import (
     fused_policy_loss,
     linear_cross_entropy,
     logprobs_from_logits,
+    policy_loss_from_logits,
     policy_loss_from_logprobs,
     token_logprobs,
     verl_policy_loss,
@@ -234,6 +235,11 @@ def test_masked_logits_entropy_and_gradients_from_logits():
     ((logp * a).sum() + (ent * b).sum()).backward()
     torch.testing.assert_close(ent, ent_ref.detach(), rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(hk.grad, hr.grad, rtol=1e-9, atol=1e-9)
+    # With an entropy bonus through the from-logits loss: finite loss and gradients.
+    logits = (h @ w.T + bias).requires_grad_()
+    loss, metrics = policy_loss_from_logits(logits, targets, a, entropy_coef=0.01)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(metrics["entropy"]) and torch.isfinite(logits.grad).all()
     # The shipped reference maths (kernels/reference.py) agrees, value and gradient.
     hs = h.clone().requires_grad_()
     logp_s, ent_s = reference.logprobs_and_entropy(hs @ w.T + bias, targets)

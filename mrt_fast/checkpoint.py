@@ -329,8 +329,9 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
         return []
     by_step: dict[int, Path] = {}
     for p in root.glob("step_*"):
-        suffix = p.name[len("step_"):].lstrip("0123456789")
-        if suffix not in ("", PREVIOUS) or not p.is_dir() or not (p / TRAINER_STATE).is_file():
+        number = p.name[len("step_"):]
+        suffix = number.lstrip("0123456789")
+        if number == suffix or suffix not in ("", PREVIOUS) or not p.is_dir() or not (p / TRAINER_STATE).is_file():
             continue
         step = _step_of(p)
         if suffix == "" or step not in by_step:

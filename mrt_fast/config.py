@@ -331,7 +331,7 @@ def _set_dotted(data: dict, dotted: str, value: Any) -> None:
 
 # Top-level flags that are spelled with dashes on the command line.
 _FLAG_ALIASES = {"output-dir": "output_dir", "output_dir": "output_dir", "resume": "resume"}
-_BOOL_FLAGS = ("dry-run", "export-only")
+_BOOL_FLAGS = ("dry-run", "export-only", "allow-config-change")
 
 
 @dataclass
@@ -339,10 +339,12 @@ class CLIArgs:
     config: RunConfig
     dry_run: bool = False
     export_only: bool = False
+    allow_config_change: bool = False  # resume despite settings a resume cannot honour (mrt_fast.run_dir)
 
 
 USAGE = """usage: python -m mrt_fast.train [--config run.yaml] [--section.key VALUE ...]
                                [--output-dir DIR] [--resume auto|PATH] [--dry-run] [--export-only]
+                               [--allow-config-change]
 
 With no arguments: the embedded default job (tiny warm-started model, synthetic task, MRT-RL,
 short evaluation). Every config key can be overridden with a dotted flag, e.g. --algo.alpha 0.5.
@@ -389,7 +391,8 @@ def parse_args(argv: Optional[list[str]] = None) -> CLIArgs:
             raise TypeError(f"--config {config_path}: expected a mapping at the top level")
     for key, raw in overrides:
         _set_dotted(data, key, _Raw(raw))
-    return CLIArgs(config=from_dict(data), dry_run=flags["dry-run"], export_only=flags["export-only"])
+    return CLIArgs(config=from_dict(data), dry_run=flags["dry-run"], export_only=flags["export-only"],
+                   allow_config_change=flags["allow-config-change"])
 
 
 class _Raw(str):

@@ -18,8 +18,9 @@ Backend per call: CUDA tensors run Triton, CPU tensors a chunked PyTorch path, a
 ``TRITON_INTERPRET=1`` the Triton kernels run on the CPU. Override with
 ``mrt_fast.kernels.use_backend(...)`` or ``MRT_FAST_KERNEL_BACKEND``.
 
-Input checks raise ``ValueError`` naming the argument. The range and finiteness checks read
-values (one device sync each on CUDA, a few microseconds next to a ~50 ms loss).
+Input checks (:mod:`mrt_fast._checks`) raise ``ValueError`` or ``TypeError`` naming the argument.
+The range and finiteness checks read values (one device sync each on CUDA, a few microseconds next
+to a ~50 ms loss).
 """
 
 from __future__ import annotations
@@ -31,6 +32,25 @@ from typing import Any
 import torch
 from torch import nn
 
+from mrt_fast._checks import (
+    FLOAT_DTYPES,
+    _autocast,
+    _is_number,
+    _check_chunk_size,
+    _check_finite,
+    _check_float_vector,
+    _check_ids,
+    _check_len,
+    _check_linear,
+    _check_loss_mask,
+    _check_not_meta,
+    _check_positive_int,
+    _check_same_device,
+    _check_seq_ids,
+    _check_targets,
+    _check_temperature,
+    _check_tensor,
+)
 from mrt_fast.kernels.backend import resolve_backend
 from mrt_fast.kernels.logprobs import LogitsLogprobs, linear_logprobs
 from mrt_fast.kernels.policy_loss import PolicyConfig, TokenInputs, fused_policy_loss_core
@@ -54,98 +74,7 @@ __all__ = [
     "token_logprobs",
 ]
 
-FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
-INT_DTYPES = (torch.int32, torch.int64)
 SEQ_AGGS = ("seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm", "grpo", "dr_grpo")
-
-
-# --------------------------------------------------------------------------------------------
-# Validation helpers: each raises ValueError naming the argument and what was expected.
-# --------------------------------------------------------------------------------------------
-
-
-def _check_tensor(name: str, t: Any, *, ndim: int, shape_doc: str, dtypes=None, dtype_doc: str = "") -> torch.Tensor:
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor of shape {shape_doc}, got {type(t).__name__}")
-    if t.dim() != ndim:
-        raise ValueError(f"{name} must have shape {shape_doc}, got {tuple(t.shape)}")
-    if dtypes is not None and t.dtype not in dtypes:
-        raise ValueError(f"{name} must have dtype {dtype_doc}, got {t.dtype}")
-    return t
-
-
-def _check_same_device(device: torch.device, **tensors: torch.Tensor | None) -> None:
-    for name, t in tensors.items():
-        if t is not None and t.device != device:
-            raise ValueError(f"{name} is on {t.device} but hidden/logits are on {device}; all inputs must share a device")
-
-
-def _check_len(name: str, t: torch.Tensor | None, n: int, what: str = "N") -> None:
-    if t is not None and t.shape[0] != n:
-        raise ValueError(f"{name} must have shape [{what}] with {what}={n}, got {tuple(t.shape)}")
-
-
-def _check_finite(name: str, t: torch.Tensor | None) -> None:
-    if t is not None and t.numel() and not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name} contains NaN or inf")
-
-
-def _check_ids(name: str, ids: torch.Tensor, upper: int, upper_doc: str) -> None:
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= upper):
-        raise ValueError(
-            f"{name} must lie in [0, {upper_doc}) = [0, {upper}), got values in [{int(ids.min())}, {int(ids.max())}]"
-        )
-
-
-def _check_float_vector(name: str, t: torch.Tensor | None, n: int) -> torch.Tensor | None:
-    if t is None:
-        return None
-    _check_tensor(name, t, ndim=1, shape_doc="[N]", dtypes=FLOAT_DTYPES, dtype_doc="a floating dtype")
-    _check_len(name, t, n)
-    _check_finite(name, t)
-    return t
-
-
-def _check_targets(targets: torch.Tensor, n: int, vocab: int) -> torch.Tensor:
-    _check_tensor("targets", targets, ndim=1, shape_doc="[N]", dtypes=INT_DTYPES, dtype_doc="int64 (or int32)")
-    _check_len("targets", targets, n)
-    _check_ids("targets", targets, vocab, "V")
-    return targets.long().contiguous()
-
-
-def _check_linear(hidden, weight, bias) -> tuple[int, int, int]:
-    _check_tensor("hidden", hidden, ndim=2, shape_doc="[N, H]", dtypes=FLOAT_DTYPES, dtype_doc="bf16/fp16/fp32/fp64")
-    _check_tensor("weight", weight, ndim=2, shape_doc="[V, H]", dtypes=FLOAT_DTYPES, dtype_doc="bf16/fp16/fp32/fp64")
-    if weight.dtype != hidden.dtype:
-        raise ValueError(f"weight must have the dtype of hidden ({hidden.dtype}), got {weight.dtype}")
-    if weight.shape[1] != hidden.shape[1]:
-        raise ValueError(f"weight must have shape [V, H] with H={hidden.shape[1]} (hidden's H), got {tuple(weight.shape)}")
-    if weight.shape[0] == 0:
-        raise ValueError("weight must have at least one row (V >= 1)")
-    if bias is not None:
-        _check_tensor("bias", bias, ndim=1, shape_doc="[V]", dtypes=(hidden.dtype,), dtype_doc=str(hidden.dtype))
-        _check_len("bias", bias, weight.shape[0], "V")
-    _check_same_device(hidden.device, weight=weight, bias=bias)
-    return hidden.shape[0], hidden.shape[1], weight.shape[0]
-
-
-def _autocast(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
-    """Under ``torch.autocast`` cast hidden/weight/bias to the autocast dtype, as ``nn.Linear`` would.
-
-    (fp32 master weights with bf16 activations is the usual mixed-precision set-up; the cast is
-    differentiable, so gradients still reach the fp32 weight.)
-    """
-    first = tensors[0]
-    if not isinstance(first, torch.Tensor) or not torch.is_autocast_enabled(first.device.type):
-        return list(tensors)
-    dtype = torch.get_autocast_dtype(first.device.type)
-    return [t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors]
-
-
-def _check_temperature(temperature: float) -> float:
-    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0:
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-    return float(temperature)
 
 
 # --------------------------------------------------------------------------------------------
@@ -179,11 +108,13 @@ def token_logprobs(
         ``(logprobs, entropy)``. Differentiable w.r.t. hidden, weight and bias; ``[N, V]`` is never
         materialised (Triton: not even per block; PyTorch: one ``[chunk, V]`` block at a time).
     """
+    _check_not_meta(hidden=hidden, weight=weight, bias=bias)
     hidden, weight, bias = _autocast(hidden, weight, bias)
     n, _, vocab = _check_linear(hidden, weight, bias)
     _check_same_device(hidden.device, targets=targets)
     targets = _check_targets(targets, n, vocab)
     temperature = _check_temperature(temperature)
+    chunk_size = _check_chunk_size(chunk_size)
     logp, entropy = linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
                                     backend=resolve_backend(hidden.device), chunk_size=chunk_size)
     return (logp, entropy) if return_entropy else logp
@@ -198,11 +129,12 @@ def logprobs_from_logits(
     in row blocks and saves no second ``[*, V]`` tensor for backward (unlike ``log_softmax``).
     Returns fp32 (fp64 for fp64 logits) of ``targets``' shape, and the entropy when asked.
     """
-    if not isinstance(logits, torch.Tensor) or logits.dim() < 1 or logits.dtype not in FLOAT_DTYPES:
-        raise ValueError("logits must be a floating tensor of shape [..., V]")
-    if not isinstance(targets, torch.Tensor) or tuple(targets.shape) != tuple(logits.shape[:-1]):
-        got = tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__
-        raise ValueError(f"targets must have shape {tuple(logits.shape[:-1])} (logits without V), got {got}")
+    rank = logits.dim() if isinstance(logits, torch.Tensor) and logits.dim() >= 1 else 1
+    _check_tensor("logits", logits, ndim=rank, shape_doc="[..., V]", dtypes=FLOAT_DTYPES, dtype_doc="a floating dtype")
+    want = tuple(logits.shape[:-1])
+    if not isinstance(targets, torch.Tensor) or tuple(targets.shape) != want:
+        _check_tensor("targets", targets, ndim=len(want), shape_doc=f"{want} (logits without V)")
+        raise ValueError(f"targets must have shape {want} (logits without V), got {tuple(targets.shape)}")
     _check_same_device(logits.device, targets=targets)
     vocab = logits.shape[-1]
     flat_targets = _check_targets(targets.reshape(-1), targets.numel(), vocab)
@@ -224,11 +156,11 @@ def _policy_config(eps_low, eps_high, dual_clip, beta, kl_estimator, entropy_coe
     if kl_estimator not in KL_ESTIMATORS:
         raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {kl_estimator!r}")
     for name, value in (("eps_low", eps_low), ("eps_high", eps_high), ("beta", beta), ("entropy_coef", entropy_coef)):
-        if not isinstance(value, (int, float)) or not math.isfinite(value):
+        if not _is_number(value) or not math.isfinite(value):
             raise ValueError(f"{name} must be a finite number, got {value!r}")
     if eps_low < 0 or eps_high < 0:
         raise ValueError(f"eps_low and eps_high must be >= 0, got {eps_low}, {eps_high}")
-    if dual_clip is not None and (not isinstance(dual_clip, (int, float)) or not dual_clip > 1.0):
+    if dual_clip is not None and (not _is_number(dual_clip) or not dual_clip > 1.0):
         raise ValueError(f"dual_clip must be None or a number > 1 (verl's clip_ratio_c), got {dual_clip!r}")
     if beta != 0.0 and ref_logprobs is None:
         raise ValueError("beta != 0 needs ref_logprobs [N] (log-probs of the targets under the reference policy)")
@@ -237,30 +169,23 @@ def _policy_config(eps_low, eps_high, dual_clip, beta, kl_estimator, entropy_coe
 
 
 def _token_layout(n, device, advantages, loss_mask, seq_ids, episode_ids, loss_agg, max_len):
-    """Validate the per-token tensors; return (adv, adv_index, mask, seq_ids, num_seqs, max_len)."""
+    """Validate the per-token tensors; return (adv, adv_index, mask, seq_ids, num_seqs).
+
+    ``seq_ids`` come back renumbered ``0..K-1`` (``torch.unique``'s inverse) unless they index
+    per-sequence advantages, so that ids such as 10**12 cost no memory; ``num_seqs`` stays
+    ``max(seq_ids) + 1``, the documented S.
+    """
     _check_tensor("advantages", advantages, ndim=1, shape_doc="[N], [E] or [S]", dtypes=FLOAT_DTYPES,
                   dtype_doc="a floating dtype")
     _check_same_device(device, advantages=advantages, loss_mask=loss_mask, seq_ids=seq_ids, episode_ids=episode_ids)
     _check_finite("advantages", advantages)
-    for name, ids in (("seq_ids", seq_ids), ("episode_ids", episode_ids)):
-        if ids is not None:
-            _check_tensor(name, ids, ndim=1, shape_doc="[N]", dtypes=INT_DTYPES, dtype_doc="int64 (or int32)")
-            _check_len(name, ids, n)
-    if loss_mask is None:
-        loss_mask = torch.ones(n, device=device)
-    else:
-        _check_tensor("loss_mask", loss_mask, ndim=1, shape_doc="[N]")
-        _check_len("loss_mask", loss_mask, n)
-        if loss_mask.dtype.is_complex:
-            raise ValueError(f"loss_mask must be bool, integer or floating, got {loss_mask.dtype}")
-        _check_finite("loss_mask", loss_mask.float())
-    seq_ids = seq_ids.long() if seq_ids is not None else None
-    if seq_ids is not None and seq_ids.numel() and int(seq_ids.min()) < 0:
-        raise ValueError(f"seq_ids must be >= 0, got a minimum of {int(seq_ids.min())}")
+    seq_ids = _check_seq_ids("seq_ids", seq_ids, n)
+    episode_ids = _check_seq_ids("episode_ids", episode_ids, n)
+    loss_mask = _check_loss_mask(loss_mask, n, device)
 
     # Advantage layout: [E] by episode_ids, else [N] per token, else [S] by seq_ids.
     if episode_ids is not None:
-        adv_index = episode_ids.long()
+        adv_index = episode_ids
         _check_ids("episode_ids", adv_index, advantages.shape[0], "E = len(advantages)")
     elif advantages.shape[0] == n:
         adv_index = None
@@ -273,12 +198,14 @@ def _token_layout(n, device, advantages, loss_mask, seq_ids, episode_ids, loss_a
             f"got {tuple(advantages.shape)} and neither episode_ids nor seq_ids"
         )
     num_seqs = None
-    if seq_ids is not None:
-        num_seqs = advantages.shape[0] if adv_index is seq_ids else (int(seq_ids.max()) + 1 if n else 0)
+    if seq_ids is not None and adv_index is seq_ids:
+        num_seqs = advantages.shape[0]
+    elif seq_ids is not None:
+        num_seqs = int(seq_ids.max()) + 1 if n else 0
+        seq_ids = torch.unique(seq_ids, return_inverse=True)[1]
     if loss_agg in SEQ_AGGS and seq_ids is None and not (loss_agg == "seq-mean-token-sum-norm" and max_len is not None):
         raise ValueError(f"loss_agg={loss_agg!r} aggregates per sequence and needs seq_ids [N]")
-    if max_len is not None and (not isinstance(max_len, int) or max_len < 1):
-        raise ValueError(f"max_len must be a positive int (Dr. GRPO's constant length), got {max_len!r}")
+    _check_positive_int("max_len", max_len, "Dr. GRPO's constant length")
     return advantages, adv_index, loss_mask, seq_ids, num_seqs
 
 
@@ -353,8 +280,10 @@ def fused_policy_loss(
         ``clip_ratio/region``, ``entropy``, plus ``kl`` with ``ref_logprobs`` and
         ``clip_ratio/dual`` with ``dual_clip`` (token means over ``loss_mask``).
     """
+    _check_not_meta(hidden=hidden, weight=weight, bias=bias)
     hidden, weight, bias = _autocast(hidden, weight, bias)
     n, _, vocab = _check_linear(hidden, weight, bias)
+    chunk_size = _check_chunk_size(chunk_size)
     _check_same_device(hidden.device, targets=targets, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs)
     targets = _check_targets(targets, n, vocab)
     old_logprobs = _check_float_vector("old_logprobs", old_logprobs, n)
@@ -403,6 +332,7 @@ def policy_loss_from_logprobs(
     """
     _check_tensor("logprobs", logprobs, ndim=1, shape_doc="[N]", dtypes=FLOAT_DTYPES, dtype_doc="a floating dtype")
     n = logprobs.shape[0]
+    _check_finite("logprobs", logprobs)
     _check_same_device(logprobs.device, entropy=entropy, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
                        token_scale=token_scale)
     old_logprobs = _check_float_vector("old_logprobs", old_logprobs, n)
@@ -411,6 +341,7 @@ def policy_loss_from_logprobs(
     if entropy is not None:
         _check_tensor("entropy", entropy, ndim=1, shape_doc="[N]", dtypes=FLOAT_DTYPES, dtype_doc="a floating dtype")
         _check_len("entropy", entropy, n)
+        _check_finite("entropy", entropy)
     elif entropy_coef != 0.0:
         raise ValueError("entropy_coef != 0 needs entropy [N]")
     cfg = _policy_config(eps_low, eps_high, dual_clip, beta, kl_estimator, entropy_coef, 1.0, loss_agg, ref_logprobs)

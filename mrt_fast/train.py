@@ -32,8 +32,8 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
-from mrt_fast import checkpoint
-from mrt_fast.config import EMBEDDED, RunConfig, dump, parse_args, save as save_config, world_batch_check
+from mrt_fast import checkpoint, run_dir as run_dir_policy
+from mrt_fast.config import EMBEDDED, RunConfig, dump, parse_args, world_batch_check
 from mrt_fast.distributed import (
     DistEnv,
     all_gather_objects,
@@ -660,15 +660,17 @@ def resolve_run_dir(cfg: RunConfig, env: DistEnv) -> Path:
     return run_dir
 
 
-def run(cfg: RunConfig, *, export_only: bool = False) -> dict[str, Any]:
-    """Train (or, with ``export_only``, only export a checkpoint); returns a summary dict."""
+def run(cfg: RunConfig, *, export_only: bool = False, allow_config_change: bool = False) -> dict[str, Any]:
+    """Train (or, with ``export_only``, only export a checkpoint); returns a summary dict.
+
+    ``allow_config_change`` lets a resume go on with settings it cannot fully honour (see
+    :mod:`mrt_fast.run_dir`)."""
     # --- setup -----------------------------------------------------------------------------
     env = init_distributed()
     world_batch_check(cfg, env.world_size)
     run_dir = resolve_run_dir(cfg, env)
     say = print if env.is_main else (lambda *a, **k: None)
-    if env.is_main and not export_only:
-        save_config(cfg, run_dir / "config.yaml")
+    run_dir_policy.check(cfg, run_dir, export_only=export_only, allow_config_change=allow_config_change, say=say)
     torch.manual_seed(cfg.train.seed + env.rank)
     random.seed(cfg.train.seed + env.rank)
 
@@ -696,7 +698,9 @@ def run(cfg: RunConfig, *, export_only: bool = False) -> dict[str, Any]:
         state = checkpoint.load(resume_from, actor, optimizer, scheduler=scheduler)
         step, data_position = state["step"], state["trainer"].get("data_position", 0)
         say(f"[mrt_fast.train] resumed from {resume_from} at step {step}"
-            + ("" if state["rng_restored"] else " (different world size: RNG streams restart)"))
+            + ("" if state["rng_restored"] else f" ({state['rng_note']})"))
+    if env.is_main and not export_only:
+        run_dir_policy.start_segment(cfg, run_dir, step, resumed=resume_from is not None)
     engine = build_engine(cfg, rollout_model, tokenizer)
     sync_engine(engine, actor)
 
@@ -854,7 +858,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("[mrt_fast.train] dry run: the config is valid; nothing was run.")
         return 0
     try:
-        run(args.config, export_only=args.export_only)
+        run(args.config, export_only=args.export_only, allow_config_change=args.allow_config_change)
     except (ValueError, TypeError, checkpoint.CheckpointError) as exc:
         print(f"mrt_fast.train: error: {exc}", file=sys.stderr)
         destroy_distributed()

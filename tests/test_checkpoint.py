@@ -93,27 +93,29 @@ def test_round_trip_restores_model_optimizer_scheduler_rng_and_trainer_state(env
     assert all(torch.equal(a, b) for a, b in zip(params(fresh).values(), params(actor).values()))
 
 
-def test_interrupted_write_never_becomes_latest(env, tmp_path, monkeypatch):
+def test_failed_write_never_becomes_latest_and_leaves_no_debris(env, tmp_path, monkeypatch):
     actor, opt, sched = make(env)
     checkpoint.save(tmp_path, 1, actor, opt, scheduler=sched)
     train_step(actor, opt, sched, 1)
 
     def crash(tmp, final):
-        raise OSError("disk full (simulated crash after the shards were written)")
+        raise OSError("simulated failure after the shards were written")
 
     monkeypatch.setattr(checkpoint, "_commit", crash)
-    with pytest.raises(OSError, match="simulated crash"):
+    with pytest.raises(checkpoint.CheckpointError, match="writing checkpoint step 2 .* failed .*simulated failure"):
         checkpoint.save(tmp_path, 2, actor, opt, scheduler=sched)
     root = tmp_path / "checkpoints"
-    assert (root / "step_2.incomplete").is_dir()  # the partial write is there ...
-    assert checkpoint.latest(tmp_path) == root / "step_1"  # ... but never named latest
+    assert not (root / "step_2.incomplete").exists()  # the partial write was removed ...
+    assert checkpoint.latest(tmp_path) == root / "step_1"  # ... and never named latest
     assert checkpoint.resolve_resume(tmp_path, "auto") == root / "step_1"
     assert checkpoint.list_checkpoints(tmp_path) == [root / "step_1"]
+
+    # Debris of a process killed mid-write is never read, and the next write of that step replaces it.
+    (root / "step_2.incomplete").mkdir()
     with pytest.raises(checkpoint.CheckpointError, match="not a complete checkpoint"):
         checkpoint.resolve_resume(tmp_path, str(root / "step_2.incomplete"))
-
     monkeypatch.undo()
-    checkpoint.save(tmp_path, 2, actor, opt, scheduler=sched)  # retrying cleans the debris
+    checkpoint.save(tmp_path, 2, actor, opt, scheduler=sched)
     assert checkpoint.latest(tmp_path) == root / "step_2"
     assert not (root / "step_2.incomplete").exists()
 

@@ -21,7 +21,7 @@ def _one_torch_thread():
     [
         ({"max_new_tokens": 0}, ValueError, "max_new_tokens must be >= 1"),
         ({"max_new_tokens": 2.5}, TypeError, "max_new_tokens must be an int"),
-        ({"temperature": -0.1}, ValueError, "temperature must be >= 0"),
+        ({"temperature": -0.1}, ValueError, "temperature must be 0 .greedy. or a finite number >= 1e-05"),
         ({"temperature": float("nan")}, ValueError, "temperature"),
         ({"top_p": 0.0}, ValueError, r"top_p must be in \(0, 1\]"),
         ({"top_p": 1.5}, ValueError, "top_p"),

@@ -75,29 +75,88 @@ def build_parser() -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------------------------
 
 
-def load_model(spec: str, device: str) -> tuple[Any, Any]:
-    """``(model, tokenizer)`` for ``embedded``, an HF directory / hub name, or a run directory."""
-    if spec == EMBEDDED:
-        from mrt_fast.data import load_warm_start
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
-        return load_warm_start(device=device)
-    path = Path(spec)
-    if path.is_dir() and not (path / "config.json").is_file():
+
+def _looks_like_path(spec: str) -> bool:
+    """A local path rather than a hub name ``org/name``."""
+    return spec.startswith((".", "/", "~")) or spec.count("/") > 1 or "\\" in spec
+
+
+def resolve_model_dir(spec: str) -> Path | str:
+    """The directory (or hub name) ``--model`` names, checked before anything is loaded or sampled."""
+    path = Path(spec).expanduser()
+    if not path.exists():
+        if _looks_like_path(spec):
+            raise FileNotFoundError(f"--model {spec}: no such directory")
+        return spec  # a hub name; the loader says whether it can be had
+    if not path.is_dir():
+        raise ValueError(f"--model {spec}: not a directory (expected an HF model directory or a run directory)")
+    if not (path / "config.json").is_file():
         if (path / "hf" / "config.json").is_file():
             path = path / "hf"
         else:
             raise FileNotFoundError(
                 f"--model {spec}: no config.json there and no hf/ export of a run (train with checkpoint.export_hf)"
             )
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise FileNotFoundError(f"--model {spec}: {path} has a model config but no tokenizer "
+                                f"(none of {', '.join(TOKENIZER_FILES)}); save the tokenizer next to the model")
+    return path
+
+
+def load_model(spec: str, device: str) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` for ``embedded``, an HF directory / hub name, or a run directory."""
+    if spec == EMBEDDED:
+        from mrt_fast.data import load_warm_start
+
+        return load_warm_start(device=device)
+    src = str(resolve_model_dir(spec))
     from transformers import AutoModelForCausalLM
 
     from ..data.tokenizer import load_tokenizer  # AutoTokenizer mis-loads the tiny task tokenizer
 
-    src = str(path) if path.exists() else spec
-    tokenizer = load_tokenizer(src)
-    model = AutoModelForCausalLM.from_pretrained(src).to(device)
+    try:
+        tokenizer = load_tokenizer(src)
+        model = AutoModelForCausalLM.from_pretrained(src)
+    except (OSError, ValueError, KeyError, ImportError) as e:
+        raise ValueError(f"--model {spec}: cannot be loaded as an HF causal LM + tokenizer: {e}") from e
+    model = model.to(device)
     model.eval()
     return model, tokenizer
+
+
+def resolve_device(spec: str | None) -> str:
+    """``--device``, or cuda when available; a device this machine lacks is an error here."""
+    import torch
+
+    if spec is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(spec)
+    except RuntimeError as e:
+        raise ValueError(f"--device {spec!r}: not a device name (cpu, cuda, cuda:1, ...): {e}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {spec}: CUDA is not available here (torch {torch.__version__}, "
+                             f"CUDA build {torch.version.cuda}); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {spec}: MPS is not available here; use --device cpu")
+    return spec
+
+
+def prepare_out_dir(spec: str) -> Path:
+    """Create ``--out`` now, so that an unusable one fails before any sampling."""
+    out = Path(spec)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {spec}: exists and is not a directory (eval.json and plots go in a directory)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out {spec}: cannot create the directory: {e}") from None
+    return out
 
 
 def _read_rows(path: Path) -> list[dict]:
@@ -194,7 +253,10 @@ def run(args: argparse.Namespace) -> dict:
     if args.num_problems < 0:
         raise ValueError(f"--num-problems must be >= 0, got {args.num_problems}")
     grader_kind = args.grader or ("exact" if args.dataset == EMBEDDED else "math")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
+    out = prepare_out_dir(args.out)
+    if args.model != EMBEDDED:
+        resolve_model_dir(args.model)
     torch.manual_seed(args.seed)
 
     rows = load_dataset_rows(
@@ -233,8 +295,6 @@ def run(args: argparse.Namespace) -> dict:
         extract=extract_boxed, progress=bar,
     )
     result["config"] = {k: v for k, v in vars(args).items()} | {"grader": grader_kind, "ks": ks, "budgets": budgets}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
     if not args.no_plots:
         result["plots"] = write_plots(result, out)

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from mrt_fast._checks import _check_positive_int, _check_targets
 from mrt_fast.integrations._logprobs import logprobs_like_host
 from mrt_fast.integrations._patching import Library, Swaps
 from mrt_fast.kernels.reference import masked_mean, policy_token_terms, weighted_sum
@@ -91,6 +92,7 @@ def verl_aggregation_weights(
     if loss_agg_mode in ("seq-mean-token-sum", "seq-mean-token-sum-norm"):
         w = m / sequences * dp
         if loss_agg_mode == "seq-mean-token-sum-norm":
+            _check_positive_int("config.loss_scale_factor", loss_scale_factor, "verl's constant sequence length")
             w = w / (_scalar(loss_scale_factor) if loss_scale_factor is not None else float(m.shape[-1]))
         return w
     raise ValueError(f"loss_agg_mode must be one of {VERL_LOSS_AGG_MODES}, got {loss_agg_mode!r}")
@@ -117,10 +119,10 @@ def policy_loss(
     if rollout_is_weights is not None:
         tensors["rollout_is_weights"] = rollout_is_weights
     for name, t in tensors.items():
-        if not isinstance(t, torch.Tensor) or t.dim() != 2:
-            raise ValueError(f"{name} must be a [B, T] tensor, got {getattr(t, 'shape', type(t).__name__)}")
-        if t.shape != log_prob.shape:
-            raise ValueError(f"{name} must have log_prob's shape {tuple(log_prob.shape)}, got {tuple(t.shape)}")
+        if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.shape != getattr(log_prob, "shape", None):
+            expected = tuple(log_prob.shape) if isinstance(log_prob, torch.Tensor) and log_prob.dim() == 2 else "(B, T)"
+            raise ValueError(f"{name} must have shape [B, T] = {expected} (log_prob's), "
+                             f"got {getattr(t, 'shape', type(t).__name__)}")
     if loss_agg_mode not in VERL_LOSS_AGG_MODES:
         raise ValueError(f"loss_agg_mode must be one of {VERL_LOSS_AGG_MODES}, got {loss_agg_mode!r}")
     clip = _config_get(config, "clip_ratio", 0.2)
@@ -167,6 +169,8 @@ def linear_cross_entropy(
     if not isinstance(labels, torch.Tensor) or labels.numel() * hidden.shape[-1] != hidden.numel():
         raise ValueError(f"labels must hold one id per row of hidden {tuple(hidden.shape[:-1])}, "
                          f"got {getattr(labels, 'shape', type(labels))}")
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2:  # name verl's argument, not ours
+        _check_targets(labels.reshape(-1), labels.numel(), weight.shape[0], name="labels")
     return logprobs_like_host(hidden.reshape(-1, hidden.shape[-1]), weight, None, labels.reshape(-1), temperature)
 
 

@@ -18,6 +18,8 @@ def chunk_rows(num_tokens: int, vocab: int, bytes_per_elem: int, device: torch.d
     """Tokens per chunk so that the ``[chunk, vocab]`` blocks held at once (``bytes_per_elem``
     bytes per logit, all blocks together) fit the budget."""
     if override is not None:
+        if not isinstance(override, int) or isinstance(override, bool):
+            raise TypeError(f"chunk_size must be a positive int or None, got {type(override).__name__} ({override!r})")
         if override < 1:
             raise ValueError(f"chunk_size must be >= 1, got {override}")
         return override

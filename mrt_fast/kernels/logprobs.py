@@ -25,11 +25,20 @@ def block_stats(z: torch.Tensor, targets: torch.Tensor):
     temporaries that :func:`dlogits_from_probs` may reuse in place.
     """
     logp_all = torch.log_softmax(z, dim=-1)
-    lse = z[:, 0] - logp_all[:, 0]  # log_softmax is one fused pass; lse comes out of it for free
+    lse = torch.logsumexp(z, dim=-1)  # (z - logp_all at any one column is NaN where that logit is -inf)
     p = logp_all.exp()
     logp = logp_all.gather(1, targets[:, None]).squeeze(1)
-    entropy = -torch.linalg.vecdot(p, logp_all)
+    entropy = -torch.linalg.vecdot(p, _finite_logp(logp_all))
     return lse, logp_all, p, logp, entropy
+
+
+def _finite_logp(logp_all: torch.Tensor) -> torch.Tensor:
+    """Clamp -inf log-probs (tokens masked by a -inf logit or bias) in place to the dtype's minimum.
+
+    Their probability is 0, so every ``p * logp`` term becomes 0 (0 * log 0 = 0, as in
+    ``torch.distributions.Categorical``) instead of 0 * -inf = NaN, in the entropy and its gradient.
+    """
+    return logp_all.clamp_(min=torch.finfo(logp_all.dtype).min)
 
 
 def dlogits_from_probs(logp_all, p, entropy, targets, grad_logp, grad_entropy, inv_temp: float) -> torch.Tensor:
@@ -50,7 +59,8 @@ def dlogits_from_probs(logp_all, p, entropy, targets, grad_logp, grad_entropy, i
 def dlogits_from_grads(z, lse, entropy, targets, grad_logp, grad_entropy, inv_temp: float) -> torch.Tensor:
     """Backward recomputation: d loss / d raw logits from a block's logits and saved lse (``z`` is overwritten)."""
     logp_all = z.sub_(lse[:, None])
-    return dlogits_from_probs(logp_all, logp_all.exp(), entropy, targets, grad_logp, grad_entropy, inv_temp)
+    p = logp_all.exp()
+    return dlogits_from_probs(_finite_logp(logp_all), p, entropy, targets, grad_logp, grad_entropy, inv_temp)
 
 
 def block_logits_fp32(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -58,8 +58,10 @@ def _dlogits_tile(z, cols, col_mask, tgt, lse, ent, g_logp, g_ent, inv_temp):
     ``d logp_t / d z_j = [j == t] - p_j`` and ``d H / d z_j = -p_j * (logp_j + H)``;
     the raw logits are ``T * z`` so the chain rule adds a factor ``1/T``.
     """
-    logp_all = tl.where(col_mask[None, :], z - lse[:, None], 0.0)
-    p = tl.where(col_mask[None, :], tl.exp(logp_all), 0.0)
+    # Columns past V and tokens masked by a -inf logit have p = 0 and contribute nothing (not 0 * -inf).
+    live = col_mask[None, :] & (z > float("-inf"))
+    logp_all = tl.where(live, z - lse[:, None], 0.0)
+    p = tl.where(live, tl.exp(logp_all), 0.0)
     onehot = (cols[None, :] == tgt[:, None]).to(tl.float32)
     dz = g_logp[:, None] * (onehot - p) - g_ent[:, None] * p * (logp_all + ent[:, None])
     return dz * inv_temp
@@ -89,8 +91,10 @@ def logprobs_fwd_kernel(
         # Rescale the running sums to the new max; on the first tile m = -inf and s = t = 0.
         shift = tl.where(m == float("-inf"), 0.0, m - m_new)
         alpha = tl.exp(shift)
-        zm = tl.where(col_mask[None, :], z - m_new[:, None], 0.0)  # 0, not -inf, so that e * zm is never 0 * inf
-        e = tl.where(col_mask[None, :], tl.exp(zm), 0.0)
+        # -inf logits (past V, or masked by a -inf bias) get zm = 0 and e = 0: e * zm is never 0 * inf.
+        live = col_mask[None, :] & (z > float("-inf"))
+        zm = tl.where(live, z - m_new[:, None], 0.0)
+        e = tl.where(live, tl.exp(zm), 0.0)
         t = alpha * (t + s * shift) + tl.sum(e * zm, axis=1)
         s = alpha * s + tl.sum(e, axis=1)
         m = m_new

@@ -50,8 +50,10 @@ def policy_loss_rows_kernel(
         m_new = tl.maximum(m, tl.max(z, axis=0))
         shift = tl.where(m == float("-inf"), 0.0, m - m_new)
         alpha = tl.exp(shift)
-        zm = tl.where(mask, z - m_new, 0.0)  # 0, not -inf, so that e * zm is never 0 * inf
-        e = tl.where(mask, tl.exp(zm), 0.0)
+        # -inf logits (past V, or masked by a -inf bias) get zm = 0 and e = 0: e * zm is never 0 * inf.
+        live = mask & (z > float("-inf"))
+        zm = tl.where(live, z - m_new, 0.0)
+        e = tl.where(live, tl.exp(zm), 0.0)
         t = alpha * (t + s * shift) + tl.sum(e * zm, axis=0)
         s = alpha * s + tl.sum(e, axis=0)
         m = m_new
@@ -117,7 +119,8 @@ def policy_loss_rows_kernel(
             cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
             mask = cols < V
             z = tl.load(z_row + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
-            logp_all = tl.where(mask, z - lse, 0.0)
-            p = tl.where(mask, tl.exp(logp_all), 0.0)
+            live = mask & (z > float("-inf"))  # p = 0 there, and p * logp must be 0, not 0 * -inf
+            logp_all = tl.where(live, z - lse, 0.0)
+            p = tl.where(live, tl.exp(logp_all), 0.0)
             dz = g_logp * (tl.where(cols == target, 1.0, 0.0) - p) - g_ent * p * (logp_all + entropy)
             tl.store(d_row + cols, (dz * inv_temp).to(dlogits_ptr.dtype.element_ty), mask=mask)

@@ -40,7 +40,11 @@ def logprobs_and_entropy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[t
     logits = logits.float() if logits.dtype in (torch.bfloat16, torch.float16) else logits
     logp_all = torch.log_softmax(logits, dim=-1)
     logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    # A -inf logit (a masked token) has p = 0 and adds 0 * log 0 = 0, as torch.distributions.Categorical.
+    # Zeroing its log-prob (not clamping it to the dtype's minimum, whose product with an upstream
+    # gradient overflows) keeps 0 * -inf out of the value and of the gradient.
+    finite_logp = torch.where(logp_all > float("-inf"), logp_all, torch.zeros_like(logp_all))
+    entropy = -(logp_all.exp() * finite_logp).sum(-1)
     return logp, entropy
 
 
@@ -142,7 +146,7 @@ def aggregation_weights(
     if seq_ids is None:
         return m / float(max_len)  # seq-mean-token-sum-norm with explicit max_len (validated by caller)
     S = int(num_seqs) if num_seqs is not None else int(seq_ids.max()) + 1 if seq_ids.numel() else 0
-    counts = torch.bincount(seq_ids, weights=m, minlength=S)
+    counts = torch.bincount(seq_ids, weights=m)  # S enters only as a number: ids may be sparse
     if max_len is None and loss_agg in ("seq-mean-token-sum-norm", "dr_grpo"):
         max_len = int(torch.bincount(seq_ids, minlength=1).max())
     nonempty = (counts > 0).sum().clamp(min=1).to(torch.float64)

@@ -23,7 +23,7 @@ import torch
 from mrt_fast.packing.groups import PrefixGroup
 
 # Per-token (stream) and per-target tensor fields, moved together by `PackedBatch.to`.
-_TENSOR_FIELDS = (
+_STREAM_FIELDS = (
     "input_ids",
     "position_ids",
     "group_ids",
@@ -31,12 +31,15 @@ _TENSOR_FIELDS = (
     "token_seq_ids",
     "token_loss_mask",
     "token_episode_ids",
+)
+_TARGET_FIELDS = (
     "targets",
     "target_positions",
     "target_seq_ids",
     "target_episode_ids",
     "target_loss_mask",
 )
+_TENSOR_FIELDS = _STREAM_FIELDS + _TARGET_FIELDS
 
 
 @dataclass
@@ -99,6 +102,30 @@ class PackedBatch:
     def seq_index(self) -> dict[tuple[int, int], int]:
         """`(group_index, continuation_index) -> global sequence id` for this batch's continuations."""
         return dict(zip(self.sequence_keys, self.seq_ids))
+
+    def check_consistent(self) -> None:
+        """Raise a ValueError naming the fields when the batch's arrays disagree (a batch edited or
+        assembled by hand rather than built by `pack`)."""
+        stream = {name: getattr(self, name) for name in _STREAM_FIELDS}
+        target = {name: getattr(self, name) for name in _TARGET_FIELDS}
+        for part, tensors in (("stream", stream), ("target", target)):
+            for name, t in tensors.items():
+                if not isinstance(t, torch.Tensor) or t.dim() != 1:
+                    raise ValueError(f"batch.{name} must be a 1-D tensor, got {getattr(t, 'shape', type(t).__name__)}")
+            sizes = {name: int(t.numel()) for name, t in tensors.items()}
+            if len(set(sizes.values())) > 1:
+                raise ValueError(f"the batch's {part} tensors disagree in length: {sizes}")
+        lengths = {"sequence_keys": len(self.sequence_keys), "seq_ids": len(self.seq_ids),
+                   "target_counts": len(self.target_counts)}
+        if len(set(lengths.values())) > 1:
+            raise ValueError(f"the batch's per-continuation lists disagree in length: {lengths}")
+        if sum(self.target_counts) != self.num_targets:
+            raise ValueError(f"batch.target_counts sum to {sum(self.target_counts)} but the batch has "
+                             f"{self.num_targets} targets")
+        positions = self.target_positions
+        if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= self.num_tokens):
+            raise ValueError(f"batch.target_positions must lie in [0, {self.num_tokens}) (the stream), got values "
+                             f"in [{int(positions.min())}, {int(positions.max())}]")
 
     def to(self, device: torch.device | str) -> "PackedBatch":
         """A copy with every tensor on `device`."""

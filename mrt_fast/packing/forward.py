@@ -60,6 +60,7 @@ def check_model(model: nn.Module) -> None:
 
 
 def _check_batch_fits(model: nn.Module, batch: PackedBatch) -> None:
+    batch.check_consistent()
     vocab = model.get_input_embeddings().num_embeddings
     head_vocab = model.get_output_embeddings().out_features
     if batch.num_tokens == 0:

@@ -8,14 +8,25 @@ was written, not deep inside a sampling loop.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
+
+from mrt_fast._checks import MIN_TEMPERATURE
 
 FinishReason = Literal["stop", "length", "eos"]
 
 
+MAX_ID = 2**63 - 1  # token ids travel as int64
+
+
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_bool(name: str, value: object) -> None:
+    if not isinstance(value, bool):  # "no" or 0.5 would read as truthy / falsy without a word
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__} ({value!r})")
 
 
 @dataclass
@@ -23,7 +34,8 @@ class SamplingParams:
     """How to sample continuations.
 
     Args:
-        temperature: softmax temperature; 0 means greedy decoding (argmax).
+        temperature: softmax temperature; 0 means greedy decoding (argmax). Otherwise at least
+            1e-5 (smaller temperatures overflow the tempered logits; use 0 for greedy).
         top_p: nucleus sampling: keep the smallest set of most likely tokens whose probability
             (after top-k) reaches `top_p`; 1.0 keeps everything. Must be in (0, 1].
         top_k: keep only the `top_k` most likely tokens; 0 (or -1, vLLM's spelling) keeps all.
@@ -55,8 +67,9 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)):
             raise TypeError(f"temperature must be a float, got {type(self.temperature).__name__}")
-        if not self.temperature >= 0.0:  # also rejects NaN
-            raise ValueError(f"temperature must be >= 0 (0 means greedy), got {self.temperature}")
+        if not (self.temperature == 0.0 or MIN_TEMPERATURE <= self.temperature < math.inf):  # also rejects NaN
+            raise ValueError(f"temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE}, "
+                             f"got {self.temperature}")
         if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)):
             raise TypeError(f"top_p must be a float, got {type(self.top_p).__name__}")
         if not 0.0 < self.top_p <= 1.0:
@@ -73,16 +86,23 @@ class SamplingParams:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        if not isinstance(self.stop, (list, tuple)):
+            raise TypeError(f"stop must be a string or a list of strings ([] for none), got {type(self.stop).__name__}")
         self.stop = list(self.stop)
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise ValueError(f"stop must be a list of non-empty strings, got {self.stop!r}")
+        if not isinstance(self.stop_token_ids, (list, tuple)):
+            raise TypeError(f"stop_token_ids must be a list of ints ([] for none), "
+                            f"got {type(self.stop_token_ids).__name__}")
         self.stop_token_ids = list(self.stop_token_ids)
         for t in self.stop_token_ids:
-            if not _is_int(t) or t < 0:
-                raise ValueError(f"stop_token_ids must be non-negative ints, got {self.stop_token_ids!r}")
+            if not _is_int(t) or not 0 <= t <= MAX_ID:
+                raise ValueError(f"stop_token_ids must be non-negative ints below 2**63, got {self.stop_token_ids!r}")
         if self.seed is not None and not _is_int(self.seed):
             raise TypeError(f"seed must be an int or None, got {type(self.seed).__name__}")
+        _check_bool("ignore_eos", self.ignore_eos)
+        _check_bool("skip_special_tokens", self.skip_special_tokens)
 
     @property
     def greedy(self) -> bool:

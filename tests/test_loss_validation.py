@@ -107,7 +107,7 @@ def test_module_validates_config_at_construction():
 
 def test_verl_adapter_rejects_shape_mismatch():
     x = torch.zeros(2, 3)
-    with pytest.raises(ValueError, match="advantages must have shape \[B, T\] = \(2, 3\)"):
+    with pytest.raises(ValueError, match=r"advantages must have shape \[B, T\] = \(2, 3\)"):
         verl_policy_loss(x, x, torch.zeros(2, 4), x, "token-mean", {})
 
 

@@ -1,8 +1,10 @@
 """Process groups and FSDP2 sharding for the trainer.
 
 One code path for every launch: ``torchrun`` (any number of processes and nodes) sets the usual
-environment variables; ``python -m mrt_fast.train`` runs as a one-process group. NCCL is used on
-GPUs and gloo on the CPU. The model is always sharded with FSDP2 (``fully_shard``) per
+environment variables; ``python -m mrt_fast.train`` runs as a one-process group. On GPUs the group
+maps CUDA tensors to NCCL and CPU tensors to gloo (``"cpu:gloo,cuda:nccl"``): the trainer's small
+control reductions (metrics, the non-finite check, stop requests) and object collectives run on
+CPU tensors, and a plain ``"nccl"`` group has no backend for them. On the CPU everything is gloo. The model is always sharded with FSDP2 (``fully_shard``) per
 transformer block and once more at the root; torch 2.13's FSDP2 runs on the CPU with gloo, so CI
 exercises the same sharded path as a GPU cluster.
 
@@ -39,11 +41,17 @@ class DistEnv:
         return self.rank == 0
 
 
-def init_distributed(timeout_minutes: float = 30.0) -> DistEnv:
+def process_group_backend(device_type: str) -> str:
+    """The backend string of the default group: every device type the trainer communicates on
+    gets a backend (CPU control tensors included)."""
+    return "cpu:gloo,cuda:nccl" if device_type == "cuda" else "gloo"
+
+
+def init_distributed(timeout_minutes: float = 30.0, *, backend: Optional[str] = None) -> DistEnv:
     """Join (or create) the default process group from torchrun's environment.
 
     Without torchrun variables this is a one-process group on an in-memory store, so single-process
-    runs take the same FSDP2 code path.
+    runs take the same FSDP2 code path. ``backend`` overrides :func:`process_group_backend`.
     """
     use_cuda = torch.cuda.is_available()
     rank = int(os.environ.get("RANK", 0))
@@ -55,7 +63,7 @@ def init_distributed(timeout_minutes: float = 30.0) -> DistEnv:
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
-        backend = "nccl" if use_cuda else "gloo"
+        backend = backend or process_group_backend(device.type)
         timeout = datetime.timedelta(minutes=timeout_minutes)
         if "MASTER_ADDR" in os.environ:
             dist.init_process_group(backend, timeout=timeout, device_id=device if use_cuda else None)
@@ -93,19 +101,38 @@ def all_gather_objects(obj: Any) -> list[Any]:
     return out
 
 
-def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
-    """Sum a small tensor over ranks (returns a new tensor; input untouched)."""
+def collective_device(group: Optional[dist.ProcessGroup] = None) -> torch.device:
+    """Where a small tensor must live to be reduced over ``group`` (default: the default group).
+
+    The CPU when the group has a CPU backend; otherwise this rank's GPU. A group created as plain
+    ``"nccl"`` (by a caller that built its own) has no CPU backend, and reducing a CPU tensor
+    through it fails with "No backend type associated with device type cpu".
+    """
+    config = dist.get_backend_config(group)  # e.g. "cpu:gloo,cuda:nccl"
+    device_types = {part.split(":")[0] for part in config.split(",")}
+    if "cpu" in device_types:
+        return torch.device("cpu")
+    return torch.device(sorted(device_types)[0])  # no index: the current device of that type
+
+
+def _all_reduce(values: torch.Tensor, op: dist.ReduceOp) -> torch.Tensor:
+    """A reduced copy of ``values`` on ``values``' device (the input is untouched)."""
     out = values.detach().clone()
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        staged = out.to(collective_device())
+        dist.all_reduce(staged, op=op)
+        out.copy_(staged)
     return out
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum a small tensor over ranks (returns a new tensor; input untouched)."""
+    return _all_reduce(values, dist.ReduceOp.SUM)
 
 
 def all_reduce_max(values: torch.Tensor) -> torch.Tensor:
-    out = values.detach().clone()
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(out, op=dist.ReduceOp.MAX)
-    return out
+    """Elementwise maximum of a small tensor over ranks (returns a new tensor; input untouched)."""
+    return _all_reduce(values, dist.ReduceOp.MAX)
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:

@@ -407,13 +407,7 @@ def update(actor: Actor, optimizer: torch.optim.Optimizer, plan: Plan, cfg: RunC
     gradient is the gradient of the loss over the whole mini-batch: token-mean over its loss
     tokens, or the mean over its sequences for the seq-mean modes.
     """
-    from mrt_fast.packing import packed_attention
-
-    # Gradient checkpointing re-runs each block's forward during backward, after packed_hidden has
-    # left its attention context: keep the packed attention in place for the whole update so the
-    # recomputation sees the same attention (and mask) as the forward.
-    with packed_attention(actor.policy):
-        return _update(actor, optimizer, plan, cfg, env, reference)
+    return _update(actor, optimizer, plan, cfg, env, reference)
 
 
 def _update(actor: Actor, optimizer: torch.optim.Optimizer, plan: Plan, cfg: RunConfig, env: DistEnv,

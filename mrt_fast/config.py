@@ -208,6 +208,9 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ValueError(
             f"train.global_batch_size ({cfg.train.global_batch_size}) must be a multiple of "
             f"train.mini_batch_size ({cfg.train.mini_batch_size})")
+    if cfg.model.dtype == "float16":  # fp16 gradients underflow without loss scaling, which the trainer has not
+        raise ValueError("model.dtype=float16 needs loss scaling, which the trainer does not do; "
+                         "use bfloat16 (same memory, fp32's range) or float32")
     if cfg.algo.beta > 0 and not cfg.model.reference_model:
         raise ValueError("algo.beta > 0 (KL penalty) needs model.reference_model: true")
     if cfg.algo.name in ("mrt-rl",) and cfg.rollout.n < 2:

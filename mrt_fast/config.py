@@ -75,6 +75,9 @@ class RolloutConfig:
     meta_temperature: float = 0.6
     meta_top_p: float = 0.95
     meta_max_new_tokens: int = 32
+    # KV-cache slots the hf engine may hold at once (rows x columns; 28 KiB each for a 1.5B Qwen2 in
+    # bf16): prompts are prefilled and decoded in waves that fit. None = one wave per batch of prompts.
+    max_kv_tokens: Optional[int] = None
 
 
 @dataclass
@@ -200,6 +203,8 @@ def validate(cfg: RunConfig) -> RunConfig:
                  "eval.temperature", "rollout.temperature", "rollout.meta_temperature"):
         section, key = name.split(".")
         _positive(name, getattr(getattr(cfg, section), key), allow_zero=True)
+    if cfg.rollout.max_kv_tokens is not None:
+        _positive("rollout.max_kv_tokens", cfg.rollout.max_kv_tokens)
     if any(b <= 0 for b in cfg.eval.budgets):
         raise ValueError(f"eval.budgets must be positive token counts, got {cfg.eval.budgets}")
     if cfg.optim.warmup_ratio > 1 or cfg.optim.min_lr_ratio > 1:

@@ -488,6 +488,7 @@ def _update(actor: Actor, optimizer: torch.optim.Optimizer, plan: Plan, cfg: Run
                     _accumulate(sums, weights, "actor/ppo_kl", ppo_kl, n_tok)
             grad_norm = clip_and_check(actor, cfg.optim.grad_clip, sums)
             optimizer.step()
+            optimizer.zero_grad(set_to_none=True)  # free the gradients before generation needs the memory
 
     names = [k for k in sums if weights[k] > 0]
     out = reduce_mean({k: sums[k] / weights[k] for k in names}, {k: weights[k] for k in names})
@@ -633,7 +634,7 @@ def build_engine(cfg: RunConfig, rollout_model: nn.Module, tokenizer: Any) -> An
     from mrt_fast.rollout import make_engine
 
     if cfg.rollout.engine == "hf":
-        return make_engine("hf", model=rollout_model, tokenizer=tokenizer)
+        return make_engine("hf", model=rollout_model, tokenizer=tokenizer, max_kv_tokens=cfg.rollout.max_kv_tokens)
     path = cfg.model.path
     if path == EMBEDDED:
         from mrt_fast.data.tokenizer import ASSETS_DIR

@@ -49,7 +49,7 @@ from mrt_fast.distributed import (
     shard,
     transformer_blocks,
 )
-from mrt_fast.metrics import MetricsWriter, ProgressBar, Timer, mfu, reduce_mean, transformer_flops_per_token
+from mrt_fast.metrics import MetricsWriter, ModelShape, ProgressBar, Timer, mfu, micro_batch_flops, reduce_mean
 
 # ============================================================================================
 # 1. Data: problems with a prompt, a reference answer and (for SFT) a response to imitate
@@ -430,6 +430,8 @@ def _update(actor: Actor, optimizer: torch.optim.Optimizer, plan: Plan, cfg: Run
         return float(b.target_loss_mask.sum())
 
     summed = cfg.algo.loss_agg == "seq-mean-token-sum-norm" and not sft
+    shape = ModelShape.of(actor.policy)
+    flops = 0.0  # this rank's model FLOPs, for perf/mfu
 
     # Pack every mini-batch once; old/reference log-probs are taken before any update.
     minis, all_batches = [], []
@@ -442,6 +444,8 @@ def _update(actor: Actor, optimizer: torch.optim.Optimizer, plan: Plan, cfg: Run
         mine = [b.to(env.device) for b in balance_micro_batches(batches, env.world_size)[env.rank]]
         extras = []
         for b in mine:
+            flops += micro_batch_flops(shape, b, backward=False) * (needs_old + (reference is not None))
+            flops += micro_batch_flops(shape, b) * cfg.algo.ppo_epochs
             kw: dict[str, Any] = {}
             with torch.no_grad():
                 if needs_old:
@@ -491,7 +495,8 @@ def _update(actor: Actor, optimizer: torch.optim.Optimizer, plan: Plan, cfg: Run
             optimizer.zero_grad(set_to_none=True)  # free the gradients before generation needs the memory
 
     names = [k for k in sums if weights[k] > 0]
-    out = reduce_mean({k: sums[k] / weights[k] for k in names}, {k: weights[k] for k in names})
+    out = reduce_mean({**{k: sums[k] / weights[k] for k in names}, "perf/model_flops": flops},
+                      {**{k: weights[k] for k in names}, "perf/model_flops": 1.0})
     if "actor/pg_clipfrac_low" in out:
         out["actor/pg_clipfrac"] = out["actor/pg_clipfrac_low"] + out.get("actor/pg_clipfrac_high", 0.0)
     out["actor/grad_norm"] = float(grad_norm)
@@ -708,7 +713,6 @@ def run(cfg: RunConfig, *, export_only: bool = False) -> dict[str, Any]:
     bar = ProgressBar(cfg.train.steps, step, enabled=env.is_main and cfg.log.progress_bar)
     timer = Timer()
     stop = StopRequest()
-    n_params = sum(p.numel() for p in actor.parameters())
     last_metrics: dict[str, Any] = {}
     status = "completed"
     initial_eval = None
@@ -741,9 +745,9 @@ def run(cfg: RunConfig, *, export_only: bool = False) -> dict[str, Any]:
             tokens = metrics["perf/total_num_tokens"]
             metrics["perf/throughput"] = tokens / elapsed / env.world_size
             metrics["perf/time_per_step"] = elapsed
-            packed = metrics["perf/packed_num_tokens"] * cfg.algo.ppo_epochs  # what the GPU computed
-            util = mfu(packed / max(metrics["timing_s/update_actor"], 1e-9) / env.world_size,
-                       _flops_per_token(rollout_model, n_params, packed / max(1, len(plan.groups))))
+            # perf/model_flops: this GPU's share of the update's model FLOPs (no-grad forwards included), all
+            # inside the update_actor window.
+            util = mfu(metrics.get("perf/model_flops", 0.0) / max(metrics["timing_s/update_actor"], 1e-9))
             if util is not None:
                 metrics["perf/mfu"] = util
             if digest is not None:
@@ -801,11 +805,6 @@ def run(cfg: RunConfig, *, export_only: bool = False) -> dict[str, Any]:
         _print_summary(summary)
     destroy_distributed()
     return summary
-
-
-def _flops_per_token(model: nn.Module, n_params: int, seq_len: float) -> float:
-    c = model.config
-    return transformer_flops_per_token(n_params, c.num_hidden_layers, c.hidden_size, int(seq_len))
 
 
 def export(run_dir: Path, actor: Actor, hf_model: nn.Module, tokenizer: Any, env: DistEnv, *, name: str) -> Path:

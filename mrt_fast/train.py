@@ -233,10 +233,16 @@ class Actor(nn.Module):
             return token_logprobs(hidden, head.weight, batch.targets, bias=bias,
                                   temperature=loss_kwargs.get("temperature", 1.0))
         if mode == "sft":  # negative log-likelihood of the continuation tokens, token mean
-            logp = token_logprobs(hidden, head.weight, batch.targets, bias=bias)
-            mask = batch.target_loss_mask.to(logp.dtype)
-            nll = -(logp * mask).sum() / mask.sum().clamp_min(1.0)
-            return nll, {"logprobs": logp.detach()}
+            # Its gradient is known before the backward: the policy loss with advantage 1, on-policy
+            # ratio 1 and nothing clipped has exactly the token-mean NLL's gradient, so SFT takes the
+            # fused path (gradients in the forward, no logits recomputed). That loss's value is -1;
+            # the value reported is the NLL, from the log-probs it returns.
+            ones = torch.ones(batch.num_targets, dtype=torch.float32, device=hidden.device)
+            surrogate, m = fused_policy_loss(hidden, head.weight, batch.targets, ones, bias=bias,
+                                             loss_mask=batch.target_loss_mask)
+            mask = batch.target_loss_mask.to(m["logprobs"].dtype)
+            nll = -(m["logprobs"] * mask).sum() / mask.sum().clamp_min(1.0)
+            return surrogate + (nll - surrogate).detach(), {"logprobs": m["logprobs"]}
         if mode == "policy":
             return fused_policy_loss(hidden, head.weight, batch.targets, bias=bias,
                                      loss_mask=batch.target_loss_mask, **loss_kwargs)

@@ -52,3 +52,39 @@ def test_bf16_logits_fallback_warns_once(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         logprobs_module.mm_fp32_out(a, b)  # no second warning
+
+
+def test_sft_through_the_fused_path_has_the_nll_gradient():
+    """SFT's loss is the fused policy loss with advantage 1 (ratio 1, nothing clipped): same value
+    and same gradient of every parameter as the token-mean NLL from the log-prob provider, fp64."""
+    import transformers
+
+    from mrt_fast.loss import token_logprobs
+    from mrt_fast.packing import PrefixGroup, pack, packed_hidden
+    from mrt_fast.train import Actor
+
+    config = transformers.Qwen2Config(vocab_size=61, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)
+    config._attn_implementation = "sdpa"
+    model = transformers.AutoModelForCausalLM.from_config(config).to(torch.float64)
+    (batch,) = pack([PrefixGroup([1, 2, 3], [[4, 5, 6]], loss_masks=[[1, 0, 1]]),
+                     PrefixGroup([7], [[8, 9, 10, 11], [12]])])
+
+    def grads():
+        out = {n: p.grad.clone() for n, p in model.named_parameters()}
+        model.zero_grad(set_to_none=True)
+        return out
+
+    loss, metrics = Actor(model)(batch, "sft")
+    loss.backward()
+    got = grads()
+    head = model.get_output_embeddings()
+    logp = token_logprobs(packed_hidden(model, batch), head.weight, batch.targets)
+    mask = batch.target_loss_mask.double()
+    nll = -(logp * mask).sum() / mask.sum()
+    nll.backward()
+    want = grads()
+    torch.testing.assert_close(loss, nll, rtol=1e-12, atol=0)
+    torch.testing.assert_close(metrics["logprobs"], logp.detach(), rtol=1e-12, atol=1e-14)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-10, atol=1e-13, msg=lambda m: f"{name}: {m}")

@@ -159,7 +159,11 @@ def shard(
 ) -> nn.Module:
     """Apply FSDP2 to every block and then to ``root`` (which owns everything left: embeddings,
     final norm, LM head). Compute runs in ``param_dtype``; master weights, optimizer state and
-    gradient reduction stay fp32."""
+    gradient reduction stay in the parameters' dtype (fp32 for the trained policy).
+
+    ``reshard_after_forward`` applies to the blocks. The root keeps FSDP2's default (no reshard
+    after forward): its parameters are the first the backward needs, so resharding them would
+    only all-gather embeddings and LM head (0.93 GB for Qwen2-1.5B in bf16) again at once."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     # cast_forward_inputs=False: the blocks already receive hidden states in param_dtype (the root's
@@ -168,7 +172,7 @@ def shard(
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
     for block in blocks:
         fully_shard(block, mp_policy=mp, reshard_after_forward=reshard_after_forward)
-    fully_shard(root, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    fully_shard(root, mp_policy=mp)
     return root
 
 

@@ -498,7 +498,6 @@ def _update(actor: Actor, optimizer: torch.optim.Optimizer, plan: Plan, cfg: Run
                     _accumulate(sums, weights, "actor/ppo_kl", ppo_kl, n_tok)
             grad_norm = clip_and_check(actor, cfg.optim.grad_clip, sums)
             optimizer.step()
-            optimizer.zero_grad(set_to_none=True)  # free the gradients before generation needs the memory
 
     names = [k for k in sums if weights[k] > 0]
     out = reduce_mean({**{k: sums[k] / weights[k] for k in names}, "perf/model_flops": flops},
@@ -692,7 +691,10 @@ def run(cfg: RunConfig, *, export_only: bool = False) -> dict[str, Any]:
     rollout_model = copy.deepcopy(model).to(engine_device, compute_dtype(cfg.model.dtype, env.device)).eval()
     reference = None
     if cfg.model.reference_model:
-        reference = build_actor(copy.deepcopy(model), cfg, env).eval()
+        # Frozen, so no fp32 master copy: held in the compute dtype it runs in (same values as the
+        # policy's fp32 weights cast by FSDP's mixed precision; half the memory).
+        frozen = copy.deepcopy(model).to(compute_dtype(cfg.model.dtype, env.device))
+        reference = build_actor(frozen, cfg, env).eval()
         reference.requires_grad_(False)
     actor = build_actor(model, cfg, env)
     optimizer, scheduler = build_optimizer(actor, cfg)
@@ -737,6 +739,7 @@ def run(cfg: RunConfig, *, export_only: bool = False) -> dict[str, Any]:
                 actor.train()
                 if plan.groups:
                     update_metrics = update(actor, optimizer, plan, cfg, env, reference)
+                    optimizer.zero_grad(set_to_none=True)  # free the gradients: generation needs the memory
                 else:  # e.g. MRT-STaR kept no trace this step: nothing to train on
                     update_metrics = {"actor/grad_norm": 0.0, "perf/total_num_tokens": 0.0,
                                       "perf/packed_num_tokens": 0.0, "train/empty_step": 1.0}

@@ -161,14 +161,11 @@ def attended_pairs(batch: PackedBatch) -> int:
     continuations share it; a continuation of R tokens sees the whole prefix and itself causally
     (R*P + R(R+1)/2). Sliding windows are not subtracted (an upper bound for windowed models).
     """
-    ids = torch.stack([batch.group_ids, batch.segment_ids]).cpu()
-    runs, lengths = torch.unique_consecutive(ids, dim=1, return_counts=True)
-    groups, segments = runs[0], runs[1]
-    is_prefix = segments == 0
-    prefix_len = torch.zeros(int(groups.max()) + 1, dtype=torch.long)
-    prefix_len[groups[is_prefix]] = lengths[is_prefix]
+    from mrt_fast.packing.balance import segment_runs
+
+    lengths, prefix, is_prefix = segment_runs(batch)
     causal = lengths * (lengths + 1) // 2
-    return int(causal.sum() + (lengths * prefix_len[groups])[~is_prefix].sum())
+    return int(causal.sum() + (lengths * prefix)[~is_prefix].sum())
 
 
 def micro_batch_flops(shape: ModelShape, batch: PackedBatch, *, backward: bool = True) -> float:

@@ -44,6 +44,7 @@ from mrt_fast.distributed import (
     compute_dtype,
     destroy_distributed,
     full_state_dict,
+    full_state_items,
     init_distributed,
     max_memory_allocated_gb,
     shard,
@@ -539,10 +540,10 @@ def clip_and_check(actor: nn.Module, max_norm: float, sums: dict) -> torch.Tenso
     return grad_norm
 
 
-def sync_engine(engine: Any, actor: Actor) -> None:
-    """Push the updated weights to the rollout engine (every rank holds a full copy)."""
-    state = full_state_dict(actor)
-    engine.update_weights({k.removeprefix("policy."): v for k, v in state.items()})
+def sync_engine(engine: Any, actor: Actor, dtype: Optional[torch.dtype] = None) -> None:
+    """Push the updated weights to the rollout engine (every rank holds a full copy), gathered
+    one tensor at a time in ``dtype`` (the engine's compute dtype) straight into the engine."""
+    engine.update_weights((k.removeprefix("policy."), v) for k, v in full_state_items(actor, dtype))
 
 
 def weights_digest(model: nn.Module) -> str:
@@ -706,7 +707,7 @@ def run(cfg: RunConfig, *, export_only: bool = False) -> dict[str, Any]:
         say(f"[mrt_fast.train] resumed from {resume_from} at step {step}"
             + ("" if state["rng_restored"] else " (different world size: RNG streams restart)"))
     engine = build_engine(cfg, rollout_model, tokenizer)
-    sync_engine(engine, actor)
+    sync_engine(engine, actor, compute_dtype(cfg.model.dtype, env.device))
 
     if export_only:
         path = export(run_dir, actor, rollout_model, tokenizer, env, name=f"hf-step_{step}")
@@ -746,7 +747,7 @@ def run(cfg: RunConfig, *, export_only: bool = False) -> dict[str, Any]:
                 lr = scheduler.get_last_lr()[0]
                 scheduler.step()
             with timer("sync_weights"):
-                sync_engine(engine, actor)
+                sync_engine(engine, actor, compute_dtype(cfg.model.dtype, env.device))
             step += 1
             digest = check_rank_consistency(rollout_model, step) if cfg.log.check_weights else None
             elapsed = time.perf_counter() - t0

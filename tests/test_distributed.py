@@ -44,7 +44,15 @@ def _cuda_only_group(rank: int, store_path: str, errors) -> None:
 
 def _trainer_group(rank: int, store_path: str, results) -> None:
     """Every CPU-tensor collective of the trainer, on the trainer's own group layout."""
-    from mrt_fast.distributed import all_gather_objects, all_reduce_max, all_reduce_sum, broadcast_object
+    from mrt_fast.distributed import (
+        all_gather_objects,
+        all_reduce_max,
+        all_reduce_sum,
+        broadcast_object,
+        full_state_dict,
+        full_state_items,
+        shard,
+    )
     from mrt_fast.metrics import reduce_mean
     from mrt_fast.packing import PrefixGroup
     from mrt_fast.train import Plan, StopRequest, clip_and_check, gather_plan
@@ -65,6 +73,14 @@ def _trainer_group(rank: int, store_path: str, results) -> None:
         model = nn.Linear(3, 2)
         model(torch.ones(1, 3) * (rank + 1)).sum().backward()
         out["grad_norm"] = float(clip_and_check(model, 1.0, {"actor/pg_loss": 0.5}))
+        # Weight sync: gathered one tensor at a time in the compute dtype == the full state, cast.
+        torch.manual_seed(0)
+        sharded = nn.Sequential(nn.Linear(5, 7), nn.Linear(7, 3))
+        shard(sharded, [sharded[0]], param_dtype=torch.float32)
+        full = {k: v.to(torch.bfloat16) for k, v in full_state_dict(sharded).items()}
+        items = list(full_state_items(sharded, torch.bfloat16))
+        out["sync"] = ([k for k, _ in items] == list(full)
+                       and all(torch.equal(v, full[k]) and v.dtype == torch.bfloat16 for k, v in items))
         plan = Plan([PrefixGroup([1, 2], [[3 + rank]])], [[0.5 * rank]], "sequence", {"reward/mean": float(rank)})
         gathered, plan_metrics = gather_plan(plan)
         out["plan"] = ([g.continuations for g in gathered.groups], gathered.advantages, plan_metrics)
@@ -114,6 +130,7 @@ def test_trainer_collectives_on_the_trainer_group(tmp_path):
         assert r["mean"]["a"] == pytest.approx((2.0 * 1 + 4.0 * 3) / 4)
         assert r["mean"]["b"] == pytest.approx(7.0)
         assert r["stop"] is True
+        assert r["sync"] is True
         assert r["plan"][0] == [[[3]], [[4]]] and r["plan"][1] == [[0.0], [0.5]]
         assert r["plan"][2] == {"reward/mean": 0.5}
     # Not FSDP here: each rank clips its own gradients, whose norms differ.

@@ -13,7 +13,9 @@ Checks, each reported as a table row (exit status 1 if any fails):
    equal those without checkpointing and those of the separate sequences (plain SDPA), fp32.
 3. KV bound: the HF engine under a `max_kv_tokens` smaller than one wave samples the same tokens
    as unbounded, holds at most the bound, and its peak GPU memory drops.
-4. Trainer step: one GRPO update (FSDP2, bf16 compute, checkpointing, packed prefixes) of a
+4. Decode speed of the embedded engine (Qwen2-1.5B shape, bf16): ms per decode step and tokens/s
+   at 4 and 32 rows, a baseline to compare with vLLM (always "ok": it measures, it does not judge).
+5. Trainer step: one GRPO update (FSDP2, bf16 compute, checkpointing, packed prefixes) of a
    Qwen2-1.5B-shaped random model on a synthetic plan: time, tokens/s, MFU from the model-FLOP
    count of `perf/model_flops`, peak memory. Generation is left out: its speed is its own check.
 """
@@ -176,6 +178,32 @@ def check_kv_bound(device: torch.device, on_gpu: bool) -> tuple[bool, str]:
     return ok, detail
 
 
+def check_decode_speed(device: torch.device, on_gpu: bool) -> tuple[bool, str]:
+    """Tokens/s of the embedded engine's decode loop: a baseline, not a pass/fail target."""
+    from mrt_fast.rollout import HFEngine, SamplingParams
+
+    shape = QWEN2_1_5B if on_gpu else TINY
+    torch.manual_seed(0)
+    model = random_model(shape, device, torch.bfloat16 if on_gpu else torch.float32).eval()
+    rows, prompt_len, new = (4, 512, 128) if on_gpu else (2, 16, 16)
+    prompts = [g.prefix for g in random_groups(shape["vocab_size"], rows, 1, prompt_len, 1, seed=3)]
+    engine = HFEngine(model)
+    details = []
+    for n in (1, 8):
+        params = SamplingParams(temperature=1.0, max_new_tokens=new, seed=0, ignore_eos=True)
+        engine.generate(prompts[:1], SamplingParams(temperature=1.0, max_new_tokens=4, seed=0))  # warm-up
+        sync(device)
+        t0 = time.perf_counter()
+        out = engine.generate(prompts, params, n=n)
+        sync(device)
+        seconds = time.perf_counter() - t0
+        sampled = sum(len(c.token_ids) for row in out for c in row)
+        details.append(f"{rows * n} rows: {seconds / new * 1e3:.1f} ms/step, {sampled / seconds:,.0f} tokens/s "
+                       f"({new / seconds:.0f} per sequence)")
+    return True, f"{shape['num_hidden_layers']} layers, prompt {prompt_len}, {new} new tokens (prefill included); " + \
+        "; ".join(details)
+
+
 def check_train_step(env, args) -> tuple[bool, str]:
     from mrt_fast import train
     from mrt_fast.config import parse_args
@@ -256,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         ("1. process group (CPU tensors)", lambda: check_group(env)),
         ("3. recompute under packed attention", lambda: check_recompute(device)),
         ("4. rollout KV bound", lambda: check_kv_bound(device, device.type == "cuda")),
+        ("6. embedded engine decode speed", lambda: check_decode_speed(device, device.type == "cuda")),
         ("12. trainer step MFU", lambda: check_train_step(env, args)),
     ]
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"

@@ -218,6 +218,8 @@ class Actor(nn.Module):
     that forward; its gradient then goes through FSDP's reduce-scatter like every other one.
     """
 
+    compute_dtype: Optional[torch.dtype] = None  # set by build_actor: FSDP's param_dtype
+
     def __init__(self, policy: nn.Module, attn_backend: str = "auto") -> None:
         super().__init__()
         self.policy = policy
@@ -254,7 +256,8 @@ def build_actor(model: nn.Module, cfg: RunConfig, env: DistEnv) -> Actor:
     """Shard the policy with FSDP2 (per block + root) and move it to this rank's device."""
     blocks = transformer_blocks(model)
     actor = Actor(model, cfg.model.attn_backend).to(env.device)
-    shard(actor, blocks, param_dtype=compute_dtype(cfg.model.dtype, env.device))
+    actor.compute_dtype = compute_dtype(cfg.model.dtype, env.device)
+    shard(actor, blocks, param_dtype=actor.compute_dtype)
     return actor
 
 
@@ -540,10 +543,11 @@ def clip_and_check(actor: nn.Module, max_norm: float, sums: dict) -> torch.Tenso
     return grad_norm
 
 
-def sync_engine(engine: Any, actor: Actor, dtype: Optional[torch.dtype] = None) -> None:
+def sync_engine(engine: Any, actor: Actor) -> None:
     """Push the updated weights to the rollout engine (every rank holds a full copy), gathered
-    one tensor at a time in ``dtype`` (the engine's compute dtype) straight into the engine."""
-    engine.update_weights((k.removeprefix("policy."), v) for k, v in full_state_items(actor, dtype))
+    one tensor at a time in the actor's compute dtype, straight into the engine."""
+    items = full_state_items(actor, actor.compute_dtype)
+    engine.update_weights((k.removeprefix("policy."), v) for k, v in items)
 
 
 def weights_digest(model: nn.Module) -> str:
@@ -707,7 +711,7 @@ def run(cfg: RunConfig, *, export_only: bool = False) -> dict[str, Any]:
         say(f"[mrt_fast.train] resumed from {resume_from} at step {step}"
             + ("" if state["rng_restored"] else " (different world size: RNG streams restart)"))
     engine = build_engine(cfg, rollout_model, tokenizer)
-    sync_engine(engine, actor, compute_dtype(cfg.model.dtype, env.device))
+    sync_engine(engine, actor)
 
     if export_only:
         path = export(run_dir, actor, rollout_model, tokenizer, env, name=f"hf-step_{step}")
@@ -747,7 +751,7 @@ def run(cfg: RunConfig, *, export_only: bool = False) -> dict[str, Any]:
                 lr = scheduler.get_last_lr()[0]
                 scheduler.step()
             with timer("sync_weights"):
-                sync_engine(engine, actor, compute_dtype(cfg.model.dtype, env.device))
+                sync_engine(engine, actor)
             step += 1
             digest = check_rank_consistency(rollout_model, step) if cfg.log.check_weights else None
             elapsed = time.perf_counter() - t0

@@ -58,3 +58,29 @@ def test_attended_pairs_equal_the_mask():
 ])
 def test_peak_by_device_name(name, peak):
     assert peak_flops(name) == peak
+
+
+def test_trainer_counts_each_epoch_and_the_no_grad_forwards():
+    """`perf/model_flops` of an update with 2 PPO epochs: every micro-batch's forward + backward
+    twice, and its no-grad forward (old log-probs) once; nothing multiplied by the epochs twice."""
+    from mrt_fast import train
+    from mrt_fast.config import from_dict
+
+    model = tiny_qwen2(False)
+    model.config.use_cache = False
+    shape = ModelShape.of(model)
+    cfg = from_dict({"algo": {"name": "grpo", "ppo_epochs": 2}, "rollout": {"n": 2},
+                     "train": {"global_batch_size": 2, "mini_batch_size": 2, "max_tokens_per_micro_batch": 8}})
+    groups = [PrefixGroup([1, 2, 3], [[4, 5], [6, 7, 8, 9]]), PrefixGroup([10, 11], [[12, 13, 14], [15]])]
+    plan = train.Plan(groups, [[0.5, -0.5], [1.0, -1.0]], "sequence", {})
+    env = train.init_distributed()
+    try:
+        actor = train.build_actor(model, cfg, env)
+        optimizer, _ = train.build_optimizer(actor, cfg)
+        metrics = train.update(actor, optimizer, plan, cfg, env)
+    finally:
+        train.destroy_distributed()
+    batches = pack(groups, max_tokens=8)
+    assert len(batches) >= 2
+    want = sum(2 * micro_batch_flops(shape, b) + micro_batch_flops(shape, b, backward=False) for b in batches)
+    assert metrics["perf/model_flops"] == pytest.approx(want, rel=1e-12)

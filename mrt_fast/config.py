@@ -205,6 +205,9 @@ def validate(cfg: RunConfig) -> RunConfig:
         _positive(name, getattr(getattr(cfg, section), key), allow_zero=True)
     if cfg.rollout.max_kv_tokens is not None:
         _positive("rollout.max_kv_tokens", cfg.rollout.max_kv_tokens)
+        if cfg.rollout.engine != "hf":
+            raise ValueError("rollout.max_kv_tokens bounds the hf engine's KV cache; vLLM sizes its own "
+                             "(gpu_memory_utilization): unset it with rollout.engine=vllm")
     if any(b <= 0 for b in cfg.eval.budgets):
         raise ValueError(f"eval.budgets must be positive token counts, got {cfg.eval.budgets}")
     if cfg.optim.warmup_ratio > 1 or cfg.optim.min_lr_ratio > 1:

@@ -64,3 +64,5 @@ def test_config_key_reaches_the_trainers_engine(model):
     assert engine.max_kv_tokens == 100
     with pytest.raises(ValueError, match="rollout.max_kv_tokens"):
         from_dict({"rollout": {"max_kv_tokens": 0}})
+    with pytest.raises(ValueError, match="rollout.max_kv_tokens bounds the hf engine"):
+        from_dict({"rollout": {"max_kv_tokens": 100, "engine": "vllm"}})

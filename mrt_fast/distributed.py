@@ -4,9 +4,10 @@ One code path for every launch: ``torchrun`` (any number of processes and nodes)
 environment variables; ``python -m mrt_fast.train`` runs as a one-process group. On GPUs the group
 maps CUDA tensors to NCCL and CPU tensors to gloo (``"cpu:gloo,cuda:nccl"``): the trainer's small
 control reductions (metrics, the non-finite check, stop requests) and object collectives run on
-CPU tensors, and a plain ``"nccl"`` group has no backend for them. On the CPU everything is gloo. The model is always sharded with FSDP2 (``fully_shard``) per
-transformer block and once more at the root; torch 2.13's FSDP2 runs on the CPU with gloo, so CI
-exercises the same sharded path as a GPU cluster.
+CPU tensors, and a plain ``"nccl"`` group has no backend for them. On the CPU everything is gloo.
+The model is always sharded with FSDP2 (``fully_shard``) per transformer block and once more at
+the root; torch 2.13's FSDP2 runs on the CPU with gloo, so CI exercises the same sharded path as a
+GPU cluster.
 
 Why the root wrapper matters: FSDP2 only un-shards a module's parameters inside that module's
 forward. The fused loss reads ``lm_head.weight`` itself instead of asking the model for logits, so

@@ -26,7 +26,7 @@ import transformers
 from mrt_fast import train
 from mrt_fast.config import parse_args
 from mrt_fast.distributed import destroy_distributed, init_distributed
-from mrt_fast.metrics import mfu, transformer_flops_per_token
+from mrt_fast.metrics import mfu
 
 HAS_CUDA = torch.cuda.is_available()
 NO_CUDA = "no CUDA device: the Qwen2-1.5B-shaped step needs a GPU"
@@ -69,7 +69,6 @@ def _step_runner(setup: dict, algo: str):
     examples = [train.Example(p.prompt, p.answer) for p in __import__(
         "mrt_fast.data.synthetic", fromlist=["generate_problems"]).generate_problems(setup["prompts"], seed=0)]
     grader = train.grader_for(cfg)
-    n_params = sum(p.numel() for p in actor.parameters())
     stats: dict[str, float] = {}
 
     def step() -> None:
@@ -88,9 +87,7 @@ def _step_runner(setup: dict, algo: str):
                      gen_tokens_per_s=sampled / (t1 - t0),
                      update_tokens_per_s=metrics["perf/total_num_tokens"] / (t2 - t1),
                      packed_tokens=metrics["perf/packed_num_tokens"])
-        util = mfu(metrics["perf/packed_num_tokens"] / (t2 - t1),
-                   transformer_flops_per_token(n_params, cfg_model.num_hidden_layers, cfg_model.hidden_size,
-                                               int(metrics["perf/packed_num_tokens"] / max(1, len(plan.groups)))))
+        util = mfu(metrics["perf/model_flops"] / (t2 - t1))
         if util is not None:
             stats["update_mfu"] = util
 

@@ -75,6 +75,9 @@ class RolloutConfig:
     meta_temperature: float = 0.6
     meta_top_p: float = 0.95
     meta_max_new_tokens: int = 32
+    # KV-cache slots the hf engine may hold at once (rows x columns; 28 KiB each for a 1.5B Qwen2 in
+    # bf16): prompts are prefilled and decoded in waves that fit. None = one wave per batch of prompts.
+    max_kv_tokens: Optional[int] = None
 
 
 @dataclass
@@ -200,6 +203,11 @@ def validate(cfg: RunConfig) -> RunConfig:
                  "eval.temperature", "rollout.temperature", "rollout.meta_temperature"):
         section, key = name.split(".")
         _positive(name, getattr(getattr(cfg, section), key), allow_zero=True)
+    if cfg.rollout.max_kv_tokens is not None:
+        _positive("rollout.max_kv_tokens", cfg.rollout.max_kv_tokens)
+        if cfg.rollout.engine != "hf":
+            raise ValueError("rollout.max_kv_tokens bounds the hf engine's KV cache; vLLM sizes its own "
+                             "(gpu_memory_utilization): unset it with rollout.engine=vllm")
     if any(b <= 0 for b in cfg.eval.budgets):
         raise ValueError(f"eval.budgets must be positive token counts, got {cfg.eval.budgets}")
     if cfg.optim.warmup_ratio > 1 or cfg.optim.min_lr_ratio > 1:
@@ -208,6 +216,9 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ValueError(
             f"train.global_batch_size ({cfg.train.global_batch_size}) must be a multiple of "
             f"train.mini_batch_size ({cfg.train.mini_batch_size})")
+    if cfg.model.dtype == "float16":  # fp16 gradients underflow without loss scaling, which the trainer has not
+        raise ValueError("model.dtype=float16 needs loss scaling, which the trainer does not do; "
+                         "use bfloat16 (same memory, fp32's range) or float32")
     if cfg.algo.beta > 0 and not cfg.model.reference_model:
         raise ValueError("algo.beta > 0 (KL penalty) needs model.reference_model: true")
     if cfg.algo.name in ("mrt-rl",) and cfg.rollout.n < 2:

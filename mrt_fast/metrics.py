@@ -11,15 +11,30 @@ import json
 import math
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional
 
 import torch
+from torch import nn
 
 from mrt_fast.distributed import all_gather_objects, all_reduce_sum
 
-# Peak dense bf16 throughput, for MFU. Matched against torch.cuda.get_device_name().
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
+if TYPE_CHECKING:
+    from mrt_fast.packing import PackedBatch
+
+# Peak dense (no sparsity) bf16 tensor-core FLOP/s per GPU, for MFU, matched in order against
+# torch.cuda.get_device_name(): the H100's PCIe and NVL boards run at lower clocks and power than the
+# SXM board, whose name carries only the memory ("NVIDIA H100 80GB HBM3"), so they come first.
+PEAK_BF16_FLOPS = (
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989e12),  # SXM
+    ("H200", 989e12),
+    ("B200", 2250e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+)
 
 
 class MetricsWriter:
@@ -112,20 +127,76 @@ class Timer:
         return out
 
 
-def transformer_flops_per_token(num_params: int, num_layers: int, hidden: int, seq_len: int) -> float:
-    """Training FLOPs per token: 6N for the matmuls plus 12·L·H·S for attention (PaLM appendix B)."""
-    return 6.0 * num_params + 12.0 * num_layers * hidden * seq_len
+@dataclass(frozen=True)
+class ModelShape:
+    """What the FLOP count needs of a decoder-only LM.
+
+    ``body_params``: every parameter except the input embedding and the LM head (whose FLOPs are
+    counted per target, not per token); ``attention_width``: heads x head_dim of the queries.
+    """
+
+    layers: int
+    hidden: int
+    attention_width: int
+    vocab: int
+    body_params: int
+
+    @classmethod
+    def of(cls, model: nn.Module) -> "ModelShape":
+        """From an HF causal LM (sharded or not: a DTensor's ``numel`` is the global size)."""
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+        outside = {id(p) for p in (*embed.parameters(), *head.parameters())}
+        body = sum(p.numel() for p in model.parameters() if id(p) not in outside)
+        return cls(layers=config.num_hidden_layers, hidden=config.hidden_size, attention_width=heads * head_dim,
+                   vocab=head.weight.shape[0], body_params=body)
 
 
-def mfu(tokens_per_s_per_gpu: float, flops_per_token: float) -> Optional[float]:
-    """Model FLOPs utilisation against the GPU's dense bf16 peak; None on CPU or unknown GPUs."""
+def attended_pairs(batch: PackedBatch) -> int:
+    """(query, key) pairs the prefix-tree mask lets attend in a packed micro-batch, from its layout.
+
+    A prefix of P tokens is causal among itself (P(P+1)/2 pairs), counted once however many
+    continuations share it; a continuation of R tokens sees the whole prefix and itself causally
+    (R*P + R(R+1)/2). Sliding windows are not subtracted (an upper bound for windowed models).
+    """
+    from mrt_fast.packing.balance import segment_runs
+
+    lengths, prefix, is_prefix = segment_runs(batch)
+    causal = lengths * (lengths + 1) // 2
+    return int(causal.sum() + (lengths * prefix)[~is_prefix].sum())
+
+
+def micro_batch_flops(shape: ModelShape, batch: PackedBatch, *, backward: bool = True) -> float:
+    """Model FLOPs of one packed micro-batch: forward + backward, or forward only.
+
+    Forward: 2·body_params·tokens (every packed token through the matmuls) + 2·V·H·targets (only
+    targets compute logits) + 4·layers·width·pairs (QK^T and PV over the attended pairs); the
+    backward costs twice the forward. Padding (rank-balancing filler, a padded stream) is not
+    useful work and is not counted; nor is recomputation by gradient checkpointing.
+    """
+    if batch.is_padding:
+        return 0.0
+    forward = (2.0 * shape.body_params * batch.num_tokens + 2.0 * shape.vocab * shape.hidden * batch.num_targets
+               + 4.0 * shape.layers * shape.attention_width * attended_pairs(batch))
+    return 3.0 * forward if backward else forward
+
+
+def peak_flops(device_name: str) -> Optional[float]:
+    """Dense bf16 peak FLOP/s of a GPU by its name; None for a GPU not in the table."""
+    for key, peak in PEAK_BF16_FLOPS:
+        if key in device_name:
+            return peak
+    return None
+
+
+def mfu(flops_per_s_per_gpu: float) -> Optional[float]:
+    """Model FLOPs utilisation against this GPU's dense bf16 peak; None on CPU or unknown GPUs."""
     if not torch.cuda.is_available():
         return None
-    name = torch.cuda.get_device_name()
-    for key, peak in PEAK_BF16_FLOPS.items():
-        if key in name:
-            return tokens_per_s_per_gpu * flops_per_token / peak
-    return None
+    peak = peak_flops(torch.cuda.get_device_name())
+    return None if peak is None else flops_per_s_per_gpu / peak
 
 
 class ProgressBar:

@@ -44,12 +44,13 @@ from mrt_fast.distributed import (
     compute_dtype,
     destroy_distributed,
     full_state_dict,
+    full_state_items,
     init_distributed,
     max_memory_allocated_gb,
     shard,
     transformer_blocks,
 )
-from mrt_fast.metrics import MetricsWriter, ProgressBar, Timer, mfu, reduce_mean, transformer_flops_per_token
+from mrt_fast.metrics import MetricsWriter, ModelShape, ProgressBar, Timer, mfu, micro_batch_flops, reduce_mean
 
 # ============================================================================================
 # 1. Data: problems with a prompt, a reference answer and (for SFT) a response to imitate
@@ -217,6 +218,8 @@ class Actor(nn.Module):
     that forward; its gradient then goes through FSDP's reduce-scatter like every other one.
     """
 
+    compute_dtype: Optional[torch.dtype] = None  # set by build_actor: FSDP's param_dtype
+
     def __init__(self, policy: nn.Module, attn_backend: str = "auto") -> None:
         super().__init__()
         self.policy = policy
@@ -233,10 +236,16 @@ class Actor(nn.Module):
             return token_logprobs(hidden, head.weight, batch.targets, bias=bias,
                                   temperature=loss_kwargs.get("temperature", 1.0))
         if mode == "sft":  # negative log-likelihood of the continuation tokens, token mean
-            logp = token_logprobs(hidden, head.weight, batch.targets, bias=bias)
-            mask = batch.target_loss_mask.to(logp.dtype)
-            nll = -(logp * mask).sum() / mask.sum().clamp_min(1.0)
-            return nll, {"logprobs": logp.detach()}
+            # Its gradient is known before the backward: the policy loss with advantage 1, on-policy
+            # ratio 1 and nothing clipped has exactly the token-mean NLL's gradient, so SFT takes the
+            # fused path (gradients in the forward, no logits recomputed). That loss's value is -1;
+            # the value reported is the NLL, from the log-probs it returns.
+            ones = torch.ones(batch.num_targets, dtype=torch.float32, device=hidden.device)
+            surrogate, m = fused_policy_loss(hidden, head.weight, batch.targets, ones, bias=bias,
+                                             loss_mask=batch.target_loss_mask)
+            mask = batch.target_loss_mask.to(m["logprobs"].dtype)
+            nll = -(m["logprobs"] * mask).sum() / mask.sum().clamp_min(1.0)
+            return surrogate + (nll - surrogate).detach(), {"logprobs": m["logprobs"]}
         if mode == "policy":
             return fused_policy_loss(hidden, head.weight, batch.targets, bias=bias,
                                      loss_mask=batch.target_loss_mask, **loss_kwargs)
@@ -247,7 +256,8 @@ def build_actor(model: nn.Module, cfg: RunConfig, env: DistEnv) -> Actor:
     """Shard the policy with FSDP2 (per block + root) and move it to this rank's device."""
     blocks = transformer_blocks(model)
     actor = Actor(model, cfg.model.attn_backend).to(env.device)
-    shard(actor, blocks, param_dtype=compute_dtype(cfg.model.dtype, env.device))
+    actor.compute_dtype = compute_dtype(cfg.model.dtype, env.device)
+    shard(actor, blocks, param_dtype=actor.compute_dtype)
     return actor
 
 
@@ -407,13 +417,7 @@ def update(actor: Actor, optimizer: torch.optim.Optimizer, plan: Plan, cfg: RunC
     gradient is the gradient of the loss over the whole mini-batch: token-mean over its loss
     tokens, or the mean over its sequences for the seq-mean modes.
     """
-    from mrt_fast.packing import packed_attention
-
-    # Gradient checkpointing re-runs each block's forward during backward, after packed_hidden has
-    # left its attention context: keep the packed attention in place for the whole update so the
-    # recomputation sees the same attention (and mask) as the forward.
-    with packed_attention(actor.policy):
-        return _update(actor, optimizer, plan, cfg, env, reference)
+    return _update(actor, optimizer, plan, cfg, env, reference)
 
 
 def _update(actor: Actor, optimizer: torch.optim.Optimizer, plan: Plan, cfg: RunConfig, env: DistEnv,
@@ -436,6 +440,8 @@ def _update(actor: Actor, optimizer: torch.optim.Optimizer, plan: Plan, cfg: Run
         return float(b.target_loss_mask.sum())
 
     summed = cfg.algo.loss_agg == "seq-mean-token-sum-norm" and not sft
+    shape = ModelShape.of(actor.policy)
+    flops = 0.0  # this rank's model FLOPs, for perf/mfu
 
     # Pack every mini-batch once; old/reference log-probs are taken before any update.
     minis, all_batches = [], []
@@ -448,6 +454,8 @@ def _update(actor: Actor, optimizer: torch.optim.Optimizer, plan: Plan, cfg: Run
         mine = [b.to(env.device) for b in balance_micro_batches(batches, env.world_size)[env.rank]]
         extras = []
         for b in mine:
+            flops += micro_batch_flops(shape, b, backward=False) * (needs_old + (reference is not None))
+            flops += micro_batch_flops(shape, b) * cfg.algo.ppo_epochs
             kw: dict[str, Any] = {}
             with torch.no_grad():
                 if needs_old:
@@ -496,7 +504,8 @@ def _update(actor: Actor, optimizer: torch.optim.Optimizer, plan: Plan, cfg: Run
             optimizer.step()
 
     names = [k for k in sums if weights[k] > 0]
-    out = reduce_mean({k: sums[k] / weights[k] for k in names}, {k: weights[k] for k in names})
+    out = reduce_mean({**{k: sums[k] / weights[k] for k in names}, "perf/model_flops": flops},
+                      {**{k: weights[k] for k in names}, "perf/model_flops": 1.0})
     if "actor/pg_clipfrac_low" in out:
         out["actor/pg_clipfrac"] = out["actor/pg_clipfrac_low"] + out.get("actor/pg_clipfrac_high", 0.0)
     out["actor/grad_norm"] = float(grad_norm)
@@ -535,9 +544,10 @@ def clip_and_check(actor: nn.Module, max_norm: float, sums: dict) -> torch.Tenso
 
 
 def sync_engine(engine: Any, actor: Actor) -> None:
-    """Push the updated weights to the rollout engine (every rank holds a full copy)."""
-    state = full_state_dict(actor)
-    engine.update_weights({k.removeprefix("policy."): v for k, v in state.items()})
+    """Push the updated weights to the rollout engine (every rank holds a full copy), gathered
+    one tensor at a time in the actor's compute dtype, straight into the engine."""
+    items = full_state_items(actor, actor.compute_dtype)
+    engine.update_weights((k.removeprefix("policy."), v) for k, v in items)
 
 
 def weights_digest(model: nn.Module) -> str:
@@ -639,7 +649,7 @@ def build_engine(cfg: RunConfig, rollout_model: nn.Module, tokenizer: Any) -> An
     from mrt_fast.rollout import make_engine
 
     if cfg.rollout.engine == "hf":
-        return make_engine("hf", model=rollout_model, tokenizer=tokenizer)
+        return make_engine("hf", model=rollout_model, tokenizer=tokenizer, max_kv_tokens=cfg.rollout.max_kv_tokens)
     path = cfg.model.path
     if path == EMBEDDED:
         from mrt_fast.data.tokenizer import ASSETS_DIR
@@ -688,7 +698,10 @@ def run(cfg: RunConfig, *, export_only: bool = False, allow_config_change: bool 
     rollout_model = copy.deepcopy(model).to(engine_device, compute_dtype(cfg.model.dtype, env.device)).eval()
     reference = None
     if cfg.model.reference_model:
-        reference = build_actor(copy.deepcopy(model), cfg, env).eval()
+        # Frozen, so no fp32 master copy: held in the compute dtype it runs in (same values as the
+        # policy's fp32 weights cast by FSDP's mixed precision; half the memory).
+        frozen = copy.deepcopy(model).to(compute_dtype(cfg.model.dtype, env.device))
+        reference = build_actor(frozen, cfg, env).eval()
         reference.requires_grad_(False)
     actor = build_actor(model, cfg, env)
     optimizer, scheduler = build_optimizer(actor, cfg)
@@ -717,7 +730,6 @@ def run(cfg: RunConfig, *, export_only: bool = False, allow_config_change: bool 
     bar = ProgressBar(cfg.train.steps, step, enabled=env.is_main and cfg.log.progress_bar)
     timer = Timer()
     stop = StopRequest()
-    n_params = sum(p.numel() for p in actor.parameters())
     last_metrics: dict[str, Any] = {}
     status = "completed"
     initial_eval = None
@@ -736,6 +748,7 @@ def run(cfg: RunConfig, *, export_only: bool = False, allow_config_change: bool 
                 actor.train()
                 if plan.groups:
                     update_metrics = update(actor, optimizer, plan, cfg, env, reference)
+                    optimizer.zero_grad(set_to_none=True)  # free the gradients: generation needs the memory
                 else:  # e.g. MRT-STaR kept no trace this step: nothing to train on
                     update_metrics = {"actor/grad_norm": 0.0, "perf/total_num_tokens": 0.0,
                                       "perf/packed_num_tokens": 0.0, "train/empty_step": 1.0}
@@ -750,9 +763,9 @@ def run(cfg: RunConfig, *, export_only: bool = False, allow_config_change: bool 
             tokens = metrics["perf/total_num_tokens"]
             metrics["perf/throughput"] = tokens / elapsed / env.world_size
             metrics["perf/time_per_step"] = elapsed
-            packed = metrics["perf/packed_num_tokens"] * cfg.algo.ppo_epochs  # what the GPU computed
-            util = mfu(packed / max(metrics["timing_s/update_actor"], 1e-9) / env.world_size,
-                       _flops_per_token(rollout_model, n_params, packed / max(1, len(plan.groups))))
+            # perf/model_flops: this GPU's share of the update's model FLOPs (no-grad forwards included), all
+            # inside the update_actor window.
+            util = mfu(metrics.get("perf/model_flops", 0.0) / max(metrics["timing_s/update_actor"], 1e-9))
             if util is not None:
                 metrics["perf/mfu"] = util
             if digest is not None:
@@ -810,11 +823,6 @@ def run(cfg: RunConfig, *, export_only: bool = False, allow_config_change: bool 
         _print_summary(summary)
     destroy_distributed()
     return summary
-
-
-def _flops_per_token(model: nn.Module, n_params: int, seq_len: float) -> float:
-    c = model.config
-    return transformer_flops_per_token(n_params, c.num_hidden_layers, c.hidden_size, int(seq_len))
 
 
 def export(run_dir: Path, actor: Actor, hf_model: nn.Module, tokenizer: Any, env: DistEnv, *, name: str) -> Path:

@@ -183,7 +183,9 @@ def test_flex_block_mask_equals_dense_mask():
         dense = ctx.dense_mask(window)[0, 0]
         block = ctx.block_mask(window)
         # Element-wise materialisation of the same mask_mod == the SDPA mask.
-        assert torch.equal(create_mask(ctx.mask_mod(window), None, None, b.num_tokens, b.num_tokens)[0, 0], dense)
+        materialised = create_mask(ctx.mask_mod(window), None, None, b.num_tokens, b.num_tokens,
+                                   device=ctx.group_ids.device)  # the default device would be CUDA on a GPU machine
+        assert torch.equal(materialised[0, 0], dense)
         # Block sparsity: every visible pair lies in a computed block, and "full" blocks are all visible.
         size = block.BLOCK_SIZE[0]
         blocks = block.to_dense()[0, 0].bool()
@@ -200,6 +202,21 @@ def test_flex_block_mask_equals_dense_mask():
         all_visible = torch.ones(nq * size, nq * size, dtype=torch.bool)
         all_visible[: b.num_tokens, : b.num_tokens] = dense
         assert not (full & ~all_visible.view(nq, size, nq, size).all(3).all(1)).any()
+
+
+def test_padding_group_is_isolated():
+    """The padded stream's mask: real tokens see exactly what they saw, padding sees only padding."""
+    (b,) = pack(groups_of([5, 0], [[3, 2], [4]]))
+    plain = PackedAttentionContext.from_batch(b, "sdpa")
+    padded = PackedAttentionContext.from_batch(b, "sdpa", length=b.num_tokens + 6)
+    n = b.num_tokens
+    dense = padded.dense_mask(None)[0, 0]
+    assert torch.equal(dense[:n, :n], plain.dense_mask(None)[0, 0])
+    assert not dense[:n, n:].any() and not dense[n:, :n].any()
+    assert torch.equal(dense[n:, n:], torch.ones(6, 6, dtype=torch.bool).tril())
+    assert padded.group_masks(None)[-1][:2] == (n, n + 6)
+    with pytest.raises(ValueError, match="shorter than the batch"):
+        PackedAttentionContext.from_batch(b, "sdpa", length=n - 1)
 
 
 def test_flash_varlen_boundaries():

@@ -89,7 +89,7 @@ def grads(model) -> dict:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def check_packed_equals_separate(model, groups, **pack_kwargs):
+def check_packed_equals_separate(model, groups, pad_to_multiple=None, **pack_kwargs):
     weights = loss_weights(groups)
     model.zero_grad()
     ref = separate_logprobs(model, groups)
@@ -100,7 +100,7 @@ def check_packed_equals_separate(model, groups, **pack_kwargs):
     batches = pack(groups, **pack_kwargs)
     got = {}
     for batch in batches:  # micro-batches: gradients accumulate, as in training
-        logprobs = packed_logprobs(model, batch, backend="sdpa")
+        logprobs = packed_logprobs(model, batch, backend="sdpa", pad_to_multiple=pad_to_multiple)
         for key, lp in zip(batch.sequence_keys, logprobs):
             got[key] = lp
         sum(torch.dot(weights[key], lp.double()) for key, lp in zip(batch.sequence_keys, logprobs)).backward()
@@ -134,6 +134,22 @@ def test_group_split_across_micro_batches(name):
     assert all(b.num_tokens <= 12 for b in batches)
 
 
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+def test_gradient_checkpointing_recomputes_packed_attention(reentrant):
+    """Recomputed layers run after `packed_hidden` has returned, outside any attention context:
+    they must attend through the packed mask again (plain SDPA there was a CheckpointError, or
+    with reentrant checkpointing silently wrong gradients)."""
+    model = make_model("qwen2")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    model.train()  # checkpointing is active only in training mode
+    check_packed_equals_separate(model, make_groups(), max_tokens=16)
+
+
+def test_padded_stream_equals_separate():
+    """Padding the stream (as flex does on a GPU) changes no log-prob and no gradient."""
+    check_packed_equals_separate(make_model("llama"), make_groups(seed=3), pad_to_multiple=32)
+
+
 def test_unshared_packing_equals_separate():
     check_packed_equals_separate(make_model("qwen2"), make_groups(seed=2), share_prefix=False)
 
@@ -163,7 +179,11 @@ def test_flex_backend_forward_matches_sdpa_on_cpu():
     with torch.no_grad():
         sdpa = packed_hidden(model, batch, backend="sdpa")
         flex = packed_hidden(model, batch, backend="flex")
+        # Padded as on a GPU (a multiple of 1024 there): the block mask covers the padding group too.
+        flex_padded = packed_hidden(model, batch, backend="flex", pad_to_multiple=128)
+    assert batch.num_tokens % 128 != 0
     torch.testing.assert_close(flex, sdpa, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(flex_padded, sdpa, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="no backward on the CPU"):
         packed_hidden(model, batch, backend="flex")
 

@@ -12,6 +12,7 @@ Both compute ``logp_t = z_t - logsumexp(z)`` and ``H = -sum_j p_j log p_j`` with
 
 from __future__ import annotations
 
+import warnings
 
 import torch
 
@@ -63,6 +64,26 @@ def dlogits_from_grads(z, lse, entropy, targets, grad_logp, grad_entropy, inv_te
     return dlogits_from_probs(_finite_logp(logp_all), p, entropy, targets, grad_logp, grad_entropy, inv_temp)
 
 
+_warned_bf16_logits = False
+
+
+def mm_fp32_out(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` of 16-bit operands with an fp32 result, accumulated and stored without rounding
+    to 16 bits. Where ``torch.mm(..., out_dtype=)`` is missing (older torch, some devices) the
+    product is rounded to the operands' dtype first; that costs accuracy, so it warns (once)."""
+    global _warned_bf16_logits
+    try:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    except (TypeError, RuntimeError) as exc:  # NotImplementedError is a RuntimeError
+        if not _warned_bf16_logits:
+            _warned_bf16_logits = True
+            warnings.warn(f"torch.mm(out_dtype=float32) is unavailable here ({type(exc).__name__}); logits are "
+                          f"rounded to {a.dtype} before the fp32 softmax (about 0.1 of log-prob error at "
+                          "logits of size 20). Use a torch with mm out_dtype for exact fp32 logits.",
+                          RuntimeWarning, stacklevel=2)
+        return (a @ b).float()
+
+
 def block_logits_fp32(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``h @ W.T + b`` with an fp32 (fp64 for fp64 inputs) result.
 
@@ -72,10 +93,7 @@ def block_logits_fp32(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     if h.dtype in (torch.float32, torch.float64):
         out = h @ weight.T
     elif h.is_cuda:
-        try:
-            out = torch.mm(h, weight.T, out_dtype=torch.float32)
-        except (TypeError, RuntimeError):  # older torch without out_dtype
-            out = (h @ weight.T).float()
+        out = mm_fp32_out(h, weight.T)
     else:
         out = h.float() @ weight.float().T
     if bias is not None:

@@ -205,11 +205,15 @@ class FusedPolicyLossFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, *_unused):
         dh, dw, db = ctx.saved_tensors
+        # A Python scalar multiplies in fp32 and rounds once, to the gradient's dtype; a 0-dim
+        # tensor cast to bf16 would first round the scale itself (up to 0.4% off, e.g. a 1/3
+        # micro-batch weight), the same systematic error on every element. One host sync.
+        scale = float(grad_loss)
 
         def scaled(g):
             if g is None:
                 return None
-            return g if torch.equal(grad_loss, torch.ones_like(grad_loss)) else g * grad_loss.to(g.dtype)
+            return g if scale == 1.0 else g * scale
 
         db = scaled(db)
         return scaled(dh), scaled(dw), None if db is None else db.to(ctx.bias_dtype), None, None, None, None, None

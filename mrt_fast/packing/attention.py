@@ -1,12 +1,16 @@
 """Prefix-tree attention for stock HF models, registered with transformers' `AttentionInterface`.
 
-We do not fork model code. `packed_attention(model, ctx)` switches the model's
-`config._attn_implementation` to our registered name for the duration of one forward; the stock
-Llama/Qwen2/Qwen3/Mistral attention modules then call `packed_attention_forward` with the rotated
-q/k/v of the whole packed stream, and the `PackedAttentionContext` passed as a forward kwarg
-(transformers threads unknown kwargs down to the attention function) tells it the layout.
-Because our name is not a known mask type, transformers builds no mask of its own (it returns
-None); the context builds each mask once per forward and every layer reuses it.
+We do not fork model code. Every module call that carries a `PackedAttentionContext` as a forward
+kwarg (transformers threads unknown kwargs down to the attention function) runs with the model's
+`config._attn_implementation` switched to our registered name, and switched back when that call
+returns: `route_packed_attention` installs this as a pre-hook/hook pair on the modules that read
+the config (the decoder model and every attention module). Because the switch follows the call,
+not a context around it, gradient checkpointing's recomputation during backward, which re-runs
+each layer with the same kwargs, takes the packed path again. The stock Llama/Qwen2/Qwen3/Mistral
+attention modules then call `packed_attention_forward` with the rotated q/k/v of the whole packed
+stream, and the context tells it the layout. Because our name is not a known mask type,
+transformers builds no mask of its own (it returns None); the context builds each mask once per
+forward and every layer reuses it.
 
 Backends (one mask function, `masks.prefix_tree_mask`, behind all of them):
   flex          FlexAttention with a BlockMask (compiled). GPU default. FlexAttention has no CPU
@@ -35,6 +39,9 @@ ATTENTION_NAME = "mrt_fast_packed"
 CONTEXT_KWARG = "mrt_packed_context"
 BACKENDS = ("flex", "sdpa", "flash_varlen")
 FLEX_BLOCK_SIZE = 128
+# flex pads the packed stream to a multiple of this many tokens (see `pad_stream`): a handful of
+# lengths instead of one per micro-batch, so the compiled kernels see few shapes.
+FLEX_PAD_MULTIPLE = 1024
 
 
 def flash_attn_available() -> bool:
@@ -79,7 +86,9 @@ class PackedAttentionContext:
     _masks: dict = field(default_factory=dict)
 
     @classmethod
-    def from_batch(cls, batch: PackedBatch, backend: str) -> "PackedAttentionContext":
+    def from_batch(cls, batch: PackedBatch, backend: str, *, length: int | None = None) -> "PackedAttentionContext":
+        """The context of `batch`; with `length` > the batch's tokens, of the stream padded to
+        `length` (see `pad_stream`)."""
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS} or 'auto', got {backend!r}")
         if backend == "flash_varlen":
@@ -90,11 +99,12 @@ class PackedAttentionContext:
                 )
             if not flash_attn_available():
                 raise ValueError("backend='flash_varlen' needs the flash-attn package, which is not installed")
+        _, position_ids, group_ids, segment_ids = pad_stream(batch, length or batch.num_tokens)
         return cls(
             backend=backend,
-            group_ids=batch.group_ids,
-            segment_ids=batch.segment_ids,
-            position_ids=batch.position_ids,
+            group_ids=group_ids,
+            segment_ids=segment_ids,
+            position_ids=position_ids,
             shares_prefix=batch.shares_prefix,
             max_sequence_length=batch.max_sequence_length,
         )
@@ -141,10 +151,13 @@ class PackedAttentionContext:
             length = self.group_ids.numel()
             on_gpu = self.group_ids.device.type == "cuda"
             make = _compiled_flex("create_block_mask") if on_gpu else create_block_mask
-            self._masks[key] = make(
-                self.mask_mod(window), B=None, H=None, Q_LEN=length, KV_LEN=length,
-                device=self.group_ids.device, BLOCK_SIZE=FLEX_BLOCK_SIZE,
-            )
+            # Under no_grad whatever the caller's mode: the mask needs no autograd, and one grad
+            # mode means one compiled graph for training and no-grad (log-prob) forwards alike.
+            with torch.no_grad():
+                self._masks[key] = make(
+                    self.mask_mod(window), B=None, H=None, Q_LEN=length, KV_LEN=length,
+                    device=self.group_ids.device, BLOCK_SIZE=FLEX_BLOCK_SIZE,
+                )
         return self._masks[key]
 
     def cu_seqlens(self) -> tuple[torch.Tensor, int]:
@@ -235,9 +248,69 @@ def packed_attention_forward(
 AttentionInterface.register(ATTENTION_NAME, packed_attention_forward)
 
 
+def pad_stream(batch: PackedBatch, length: int) -> tuple[torch.Tensor, ...]:
+    """`(input_ids, position_ids, group_ids, segment_ids)` of `batch` padded to `length` tokens.
+
+    The padding is one extra group of token 0 at position 0, a causal "prefix" of its own: no real
+    token sees it and it sees no real token, so real outputs (and gradients) are unchanged, and
+    every padding query has a key (no all-masked row). Nothing reads its outputs.
+    """
+    pad = length - batch.num_tokens
+    if pad < 0:
+        raise ValueError(f"length={length} is shorter than the batch ({batch.num_tokens} tokens)")
+    streams = (batch.input_ids, batch.position_ids, batch.group_ids, batch.segment_ids)
+    if pad == 0:
+        return streams
+    fill = (0, 0, int(batch.group_ids[-1]) + 1, 0)
+    return tuple(torch.cat([t, t.new_full((pad,), value)]) for t, value in zip(streams, fill))
+
+
+def padded_length(num_tokens: int, multiple: int | None) -> int:
+    """`num_tokens` rounded up to a multiple of `multiple` (None or 1: unchanged)."""
+    if multiple is None or multiple <= 1:
+        return num_tokens
+    return -(-num_tokens // multiple) * multiple
+
+
+_STACK_ATTR = "_mrt_packed_attention_saved"
+
+
+def _enter_packed(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    if kwargs.get(CONTEXT_KWARG) is not None:
+        getattr(module, _STACK_ATTR).append(module.config._attn_implementation)
+        module.config._attn_implementation = ATTENTION_NAME
+
+
+def _leave_packed(module: torch.nn.Module, args: tuple, kwargs: dict, output) -> None:
+    saved = getattr(module, _STACK_ATTR)
+    if kwargs.get(CONTEXT_KWARG) is not None and saved:
+        module.config._attn_implementation = saved.pop()
+
+
+def route_packed_attention(model: torch.nn.Module) -> None:
+    """Make every call that carries a `PackedAttentionContext` kwarg use packed attention (idempotent).
+
+    Hooks the modules that read `config._attn_implementation`: the switch happens on entry to each
+    such call and is undone on its exit (exceptions included), so a layer recomputed by gradient
+    checkpointing during backward attends exactly as in the forward. Calls without the kwarg
+    (plain inference, generation) are untouched.
+    """
+    for module in model.modules():
+        if hasattr(module, _STACK_ATTR) or not hasattr(getattr(module, "config", None), "_attn_implementation"):
+            continue
+        object.__setattr__(module, _STACK_ATTR, [])
+        module.register_forward_pre_hook(_enter_packed, with_kwargs=True)
+        module.register_forward_hook(_leave_packed, with_kwargs=True, always_call=True)
+
+
 @contextlib.contextmanager
 def packed_attention(model: torch.nn.Module) -> Iterator[None]:
-    """Route the model's attention through `packed_attention_forward` for the duration of the block."""
+    """Route the model's attention through `packed_attention_forward` for the duration of the block.
+
+    For calling the model directly with a `PackedAttentionContext` kwarg. `packed_hidden` does not
+    need it (see `route_packed_attention`), and a recomputation by gradient checkpointing after
+    the block has exited would not see it.
+    """
     configs = {id(m.config): m.config for m in model.modules() if hasattr(getattr(m, "config", None), "_attn_implementation")}
     saved = {key: cfg._attn_implementation for key, cfg in configs.items()}
     try:

@@ -4,12 +4,32 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
+
 from mrt_fast.packing.batch import PackedBatch
 
 # Default weight of the quadratic (attention) term relative to the linear (per-token) term.
 # For a Qwen2-1.5B-sized model, attention FLOPs of a causal sequence of length L match its
 # per-token matmul FLOPs around L ~ 32K, hence b = a / 32768. Pass your own for other shapes.
 DEFAULT_QUADRATIC_COST = 1.0 / 32768
+
+
+def segment_runs(batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The stream's segments as runs: `(lengths, prefix_lengths, is_prefix)`, one entry per run.
+
+    A run is a group's prefix or one continuation (contiguous in the layout); `prefix_lengths` is
+    the length of the prefix of the run's group (0 without one). Computed with tensor ops (no
+    per-token Python), on the CPU.
+    """
+    group_ids, segment_ids = batch.group_ids.cpu(), batch.segment_ids.cpu()
+    change = torch.ones(group_ids.numel(), dtype=torch.bool)
+    change[1:] = (group_ids[1:] != group_ids[:-1]) | (segment_ids[1:] != segment_ids[:-1])
+    starts = torch.nonzero(change).flatten()
+    lengths = torch.diff(starts, append=starts.new_tensor([group_ids.numel()]))
+    groups, is_prefix = group_ids[starts], segment_ids[starts] == 0
+    prefix_of_group = torch.zeros(int(groups.max()) + 1, dtype=torch.long)
+    prefix_of_group[groups[is_prefix]] = lengths[is_prefix]
+    return lengths, prefix_of_group[groups], is_prefix
 
 
 def attention_square_sum(batch: PackedBatch) -> int:
@@ -19,20 +39,10 @@ def attention_square_sum(batch: PackedBatch) -> int:
     continuation's rows of the `(P + R)`-long causal square its separate sequence would have), so a
     plain sequence contributes exactly `L^2` and a shared prefix is not counted per continuation.
     """
-    total = 0
-    seq_lengths: dict[int, int] = {}
-    prefix_lengths: dict[int, int] = {}
-    for g, s in zip(batch.group_ids.tolist(), batch.segment_ids.tolist()):
-        if s == 0:
-            prefix_lengths[g] = prefix_lengths.get(g, 0) + 1
-        else:
-            seq_lengths[(g, s)] = seq_lengths.get((g, s), 0) + 1
-    for p in prefix_lengths.values():
-        total += p * p
-    for (g, _), r in seq_lengths.items():
-        p = prefix_lengths.get(g, 0)
-        total += (p + r) ** 2 - p * p
-    return total
+    lengths, prefix, is_prefix = segment_runs(batch)
+    continuation = ~is_prefix
+    full = (prefix[continuation] + lengths[continuation]) ** 2 - prefix[continuation] ** 2
+    return int((lengths[is_prefix] ** 2).sum() + full.sum())
 
 
 def micro_batch_cost(batch: PackedBatch, a: float = 1.0, b: float = DEFAULT_QUADRATIC_COST) -> float:

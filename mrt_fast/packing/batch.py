@@ -15,6 +15,7 @@ has no predictor and is context, as the first token of a standalone sequence is.
 
 from __future__ import annotations
 
+import array
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
 
@@ -261,10 +262,7 @@ def _build_batch(
             unshared += prefix_len + len(cont)
             max_len = max(max_len, prefix_len + len(cont))
     float_fields = {"token_loss_mask", "target_loss_mask"}
-    tensors = {
-        name: torch.tensor(values, dtype=torch.float32 if name in float_fields else torch.long)
-        for name, values in cols.items()
-    }
+    tensors = {name: _tensor(values, name in float_fields) for name, values in cols.items()}
     return PackedBatch(
         **tensors,
         sequence_keys=sequence_keys,
@@ -276,6 +274,14 @@ def _build_batch(
         max_tokens=max_tokens,
         max_sequence_length=max_len,
     )
+
+
+def _tensor(values: list, is_float: bool) -> torch.Tensor:
+    """A 1-D int64 (float32) tensor of a list, through a typed C array: about 4x faster than
+    `torch.tensor(list)`, which inspects every element (a second per million tokens)."""
+    if not values:
+        return torch.empty(0, dtype=torch.float32 if is_float else torch.long)
+    return torch.frombuffer(array.array("f" if is_float else "q", values), dtype=torch.float32 if is_float else torch.long)
 
 
 def pack(

@@ -13,7 +13,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mrt_fast.packing.attention import CONTEXT_KWARG, PackedAttentionContext, default_backend, packed_attention
+from mrt_fast.packing.attention import (
+    CONTEXT_KWARG,
+    FLEX_PAD_MULTIPLE,
+    PackedAttentionContext,
+    default_backend,
+    pad_stream,
+    padded_length,
+    route_packed_attention,
+)
 from mrt_fast.packing.batch import PackedBatch
 
 # Config attributes that change logits beyond `hidden @ W^T`, with the value meaning "off".
@@ -78,16 +86,22 @@ def _check_batch_fits(model: nn.Module, batch: PackedBatch) -> None:
         )
 
 
-def packed_hidden(model: nn.Module, batch: PackedBatch, *, backend: str = "auto") -> torch.Tensor:
+def packed_hidden(
+    model: nn.Module, batch: PackedBatch, *, backend: str = "auto", pad_to_multiple: int | None | str = "auto"
+) -> torch.Tensor:
     """Final hidden states `[T, H]` at the positions that predict `batch.targets` (target order).
 
     The shared last-prefix position is gathered once per continuation, so its gradient is the sum
-    over the continuations, as with separate sequences.
+    over the continuations, as with separate sequences. Works with gradient checkpointing on:
+    recomputed layers take the packed path too (see `route_packed_attention`).
 
     Args:
         model: an HF causal LM (Llama, Qwen2, Qwen3, Mistral, ... with standard attention).
         batch: one micro-batch from `pack`.
         backend: "flex", "sdpa", "flash_varlen" or "auto" (flex on GPU, sdpa on CPU).
+        pad_to_multiple: run the stream padded to a multiple of this many tokens (an isolated
+            padding group; results are unchanged). "auto": `FLEX_PAD_MULTIPLE` for flex on a GPU,
+            where every new length would cost a compile, and no padding otherwise; None: none.
     """
     if not isinstance(batch, PackedBatch):
         raise TypeError(f"batch must be a PackedBatch, got {type(batch).__name__}")
@@ -96,15 +110,23 @@ def packed_hidden(model: nn.Module, batch: PackedBatch, *, backend: str = "auto"
     device = model.get_input_embeddings().weight.device
     if backend == "auto":
         backend = default_backend(device)
+    if pad_to_multiple != "auto" and pad_to_multiple is not None and (
+            isinstance(pad_to_multiple, bool) or not isinstance(pad_to_multiple, int) or pad_to_multiple < 1
+    ):
+        raise ValueError(f"pad_to_multiple must be 'auto', None or a positive int, got {pad_to_multiple!r}")
+    if pad_to_multiple == "auto":
+        pad_to_multiple = FLEX_PAD_MULTIPLE if backend == "flex" and device.type == "cuda" else None
     b = batch.to(device)
-    ctx = PackedAttentionContext.from_batch(b, backend)
-    with packed_attention(model):
-        out = model.base_model(
-            input_ids=b.input_ids[None],
-            position_ids=b.position_ids[None],
-            use_cache=False,
-            **{CONTEXT_KWARG: ctx},
-        )
+    length = padded_length(b.num_tokens, pad_to_multiple)
+    ctx = PackedAttentionContext.from_batch(b, backend, length=length)
+    input_ids, position_ids, _, _ = pad_stream(b, length)
+    route_packed_attention(model)
+    out = model.base_model(
+        input_ids=input_ids[None],
+        position_ids=position_ids[None],
+        use_cache=False,
+        **{CONTEXT_KWARG: ctx},
+    )
     # Every layer must have gone through our attention; a layer that mixed tokens any other way
     # (a forked attention class, a recurrent layer) would leak across groups unnoticed.
     layers = getattr(model.config, "num_hidden_layers", None)
@@ -117,7 +139,12 @@ def packed_hidden(model: nn.Module, batch: PackedBatch, *, backend: str = "auto"
 
 
 def packed_logprobs(
-    model: nn.Module, batch: PackedBatch, temperature: float = 1.0, *, backend: str = "auto"
+    model: nn.Module,
+    batch: PackedBatch,
+    temperature: float = 1.0,
+    *,
+    backend: str = "auto",
+    pad_to_multiple: int | None | str = "auto",
 ) -> list[torch.Tensor]:
     """Per continuation in `batch.sequence_keys` order: log-probs of its target tokens.
 
@@ -128,7 +155,7 @@ def packed_logprobs(
     """
     from mrt_fast.loss import token_logprobs
 
-    hidden = packed_hidden(model, batch, backend=backend)
+    hidden = packed_hidden(model, batch, backend=backend, pad_to_multiple=pad_to_multiple)
     head = model.get_output_embeddings()
     targets = batch.targets.to(hidden.device)
     logprobs = token_logprobs(hidden, head.weight, targets, temperature=temperature, bias=head.bias)

@@ -84,9 +84,12 @@ class HFEngine:
             cache (Llama, Qwen2, Mistral without sliding window, ...).
         tokenizer: needed for `Completion.text` and stop strings; without it text is "".
         max_batch_size: most rows decoded together; larger requests are split.
-        max_kv_tokens: if set, also bounds a decode batch by its KV-cache size: rows x (cached
-            columns + tokens to generate) <= max_kv_tokens (at least one row per batch). Size it
-            to the GPU memory left by training: a 1.5B Qwen2 needs 28 KiB of KV per token in bf16.
+        max_kv_tokens: if set, bounds the KV cache held at once, in token slots (rows x reserved
+            columns, prefilled contexts and decode rows together): prompts are prefilled and
+            decoded in waves that fit. At least one prompt and one decode row run at a time, so a
+            single prompt longer than the bound still runs (alone). Size it to the GPU memory left
+            by training: a 1.5B Qwen2 needs 28 KiB of KV per token in bf16. `peak_kv_tokens`
+            records the most slots the engine has held.
         prefill_chunk_tokens: budget of (rows x columns) per prefill forward; long prompts are
             prefilled in column chunks of this many tokens in total.
         eos_token_id: overrides the EOS id(s) taken from the generation config / config /
@@ -116,6 +119,7 @@ class HFEngine:
         if max_kv_tokens is not None:
             check_n(max_kv_tokens, "max_kv_tokens")
         self.max_kv_tokens = max_kv_tokens
+        self.peak_kv_tokens = 0
         self.shared_prefix_decoding = shared_prefix_decoding and supports_shared_prefix(model)
         self.model = model
         self.tokenizer = tokenizer
@@ -186,17 +190,24 @@ class HFEngine:
             for i, b in enumerate(bounds)
         ]
         rows_per_batch = max(1, self.max_batch_size // k)
+        # KV per boundary, at most: its trace's prefill, its context (+ suffix) and k decode rows.
+        context_cap = max((len(t) for t in traces), default=0) + len(termination_ids) + 1
+        per_job = self._rows_within_kv(0, 2 * context_cap + k * params.max_new_tokens, rows_per_batch)
         with self._sampling_mode():
-            for group in _groups_by_trace(jobs, rows_per_batch):
+            for group in _groups_by_trace(jobs, per_job):
                 # One prefill per trace of the group, as far as its furthest boundary needs.
                 group_traces = sorted({job.trace for job in group})
                 local = {t: row for row, t in enumerate(group_traces)}
                 longest = {t: max(job.cached for job in group if job.trace == t) for t in group_traces}
                 trace_kv, _ = self._prefill([traces[t][: longest[t]] for t in group_traces], allow_empty=True)
-                for start in range(0, len(group), rows_per_batch):
-                    chunk = group[start : start + rows_per_batch]
+                held = _reserved_kv_tokens(trace_kv)
+                context = max(job.context_len for job in group)
+                step = self._rows_within_kv(held, context + k * params.max_new_tokens, rows_per_batch)
+                for start in range(0, len(group), step):
+                    chunk = group[start : start + step]
                     kv = trace_kv.truncated(torch.tensor([local[job.trace] for job in chunk]),
-                                            torch.tensor([job.cached for job in chunk]))
+                                            torch.tensor([job.cached for job in chunk]),
+                                            reserve=max(len(job.suffix) for job in chunk))
                     logits = self._extend(kv, [job.suffix for job in chunk])
                     branches = [
                         _Branch(row, self._stream(params, base, (job.trace, job.index), s),
@@ -204,7 +215,7 @@ class HFEngine:
                         for row, job in enumerate(chunk)
                         for s in range(k)
                     ]
-                    results = self._decode_branches(kv, logits, branches, params)
+                    results = self._decode_branches(kv, logits, branches, params, held=(trace_kv,))
                     for row, job in enumerate(chunk):
                         out[job.trace][job.index] = results[row * k : (row + 1) * k]
         return out
@@ -329,15 +340,40 @@ class HFEngine:
 
     def _fork_tokens(self, prefixes: list[list[int]], params: SamplingParams, n: int) -> list[list[Completion]]:
         check_params(params, vocab_size=self.vocab_size, has_tokenizer=self.tokenizer is not None)
-        per_group = max(1, self.max_batch_size // n)
         out: list[list[Completion]] = []
         base = self._base_seed(params)
         with self._sampling_mode():
-            for start in range(0, len(prefixes), per_group):
-                group = prefixes[start : start + per_group]
+            for start, end in self._prefill_waves(prefixes, n, params.max_new_tokens):
+                group = prefixes[start:end]
                 kv, logits = self._prefill(group)
                 out.extend(self._fork_rows(kv, logits, group, params, n, base, first_index=start))
         return out
+
+    def _prefill_waves(self, prefixes: list[list[int]], n: int, new_tokens: int) -> list[tuple[int, int]]:
+        """Consecutive `[start, end)` ranges of prefixes prefilled together: at most
+        max_batch_size // n prefixes, and under `max_kv_tokens` their prefill plus all n decode rows
+        each (a decode row holds its own tokens, and a copy of the context without shared-prefix
+        decoding)."""
+        per_group = max(1, self.max_batch_size // n)
+        waves, start = [], 0
+        while start < len(prefixes):
+            end, width = start + 1, len(prefixes[start])
+            while end < len(prefixes) and end - start < per_group:
+                wider = max(width, len(prefixes[end]))
+                row = new_tokens + (0 if self.shared_prefix_decoding and n > 1 else wider)
+                if self.max_kv_tokens is not None and (end + 1 - start) * (wider + n * row) > self.max_kv_tokens:
+                    break
+                end, width = end + 1, wider
+            waves.append((start, end))
+            start = end
+        return waves
+
+    def _rows_within_kv(self, held_tokens: int, row_tokens: int, limit: int) -> int:
+        """Most rows of `row_tokens` KV slots each that fit beside `held_tokens` under
+        max_kv_tokens: between 1 and `limit`."""
+        if self.max_kv_tokens is None:
+            return limit
+        return max(1, min(limit, (self.max_kv_tokens - held_tokens) // max(1, row_tokens)))
 
     def _fork_cached(self, cache: PrefixCache, params: SamplingParams, n: int) -> list[list[Completion]]:
         if cache.weights_version != self._weights_version:
@@ -356,12 +392,16 @@ class HFEngine:
         return [results[r * n : (r + 1) * n] for r in range(len(prefixes))]
 
     def _decode_branches(self, kv: KVRows, logits: torch.Tensor, branches: list[_Branch],
-                         params: SamplingParams) -> list[Completion]:
-        """Decode every branch (in batches of at most max_batch_size rows); in branch order."""
+                         params: SamplingParams, held: tuple = ()) -> list[Completion]:
+        """Decode every branch (in batches of at most max_batch_size rows, and within
+        max_kv_tokens beside `kv` and the caches `held`); in branch order."""
         results: list[Completion] = []
-        per_batch = self.max_batch_size
-        if self.max_kv_tokens is not None:
-            per_batch = min(per_batch, max(1, self.max_kv_tokens // (kv.length + max(b.budget for b in branches))))
+        shared = self.shared_prefix_decoding and kv.length > 0 and len({b.kv_row for b in branches}) < len(branches)
+        row_tokens = max(b.budget for b in branches) + (0 if shared else kv.length)
+        held = (kv, *held)
+        per_batch = self._rows_within_kv(_reserved_kv_tokens(*held), row_tokens, self.max_batch_size)
+        if shared:
+            per_batch = min(self.max_batch_size, max(2, per_batch))  # one row alone would copy its context
         for start in range(0, len(branches), per_batch):
             batch = branches[start : start + per_batch]
             rows = torch.tensor([b.kv_row for b in batch])
@@ -370,13 +410,15 @@ class HFEngine:
             if self.shared_prefix_decoding and len(set(rows.tolist())) < len(batch) and kv.length > 0:
                 state = SharedPrefixRows(kv, rows, reserve)
                 with decoding_with_shared_prefix(self.model, state):
-                    results.extend(self._decode(state, batch_logits, batch, params))
+                    results.extend(self._decode(state, batch_logits, batch, params, held))
             else:
-                results.extend(self._decode(kv.select(rows, reserve), batch_logits, batch, params))
+                results.extend(self._decode(kv.select(rows, reserve), batch_logits, batch, params, held))
         return results
 
-    def _decode(self, kv: KVRows, logits: torch.Tensor, branches: list[_Branch], params: SamplingParams) -> list[Completion]:
-        """The sampling loop: one token per live row per step; finished rows leave the batch."""
+    def _decode(self, kv: KVRows, logits: torch.Tensor, branches: list[_Branch], params: SamplingParams,
+                held: tuple = ()) -> list[Completion]:
+        """The sampling loop: one token per live row per step; finished rows leave the batch.
+        `held`: the other caches alive meanwhile (counted in `peak_kv_tokens`)."""
         steps = max(b.budget for b in branches)
         uniforms = uniform_streams([b.stream for b in branches], max(steps, 1), logits.device)
         stops = (StopStrings(self.tokenizer, params.stop, skip_special_tokens=params.skip_special_tokens)
@@ -421,6 +463,7 @@ class HFEngine:
             live = still
             ones = torch.ones(len(live), 1, dtype=torch.bool, device=tokens.device)
             logits = self._forward(kv, tokens[:, None], ones)
+            self.peak_kv_tokens = max(self.peak_kv_tokens, _reserved_kv_tokens(kv, *held))
         return [self._completion(tokens_out[i], logprobs_out[i], finish[i], stop_reason[i], b.prompt_len, params, stops)
                 for i, b in enumerate(branches)]
 
@@ -432,6 +475,19 @@ class HFEngine:
             if stops is not None and finish == "stop" and stop_reason is None:
                 text, stop_reason = stops.cut(text)
         return Completion(token_ids, text, logprobs, finish, prompt_len, stop_reason)
+
+
+def _reserved_kv_tokens(*caches: Any) -> int:
+    """Token slots the caches' KV buffers reserve (rows x capacity of layer 0's key buffer, from
+    its storage, so a cache cut down to fewer rows still counts what it holds). Storage shared
+    between caches (a decode batch reading its contexts' KV) is counted once."""
+    slots: dict[int, int] = {}
+    for cache in caches:
+        buf = cache.layers[0]._kbuf if cache.layers else None
+        if buf is not None:
+            storage = buf.untyped_storage()
+            slots[storage.data_ptr()] = storage.nbytes() // (buf.shape[1] * buf.shape[3] * buf.element_size())
+    return sum(slots.values())
 
 
 def _groups_by_trace(jobs: list[_BoundaryJob], rows_per_group: int) -> list[list[_BoundaryJob]]:

@@ -88,3 +88,22 @@ def test_sft_through_the_fused_path_has_the_nll_gradient():
     torch.testing.assert_close(metrics["logprobs"], logp.detach(), rtol=1e-12, atol=1e-14)
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-10, atol=1e-13, msg=lambda m: f"{name}: {m}")
+
+
+def test_autocast_does_not_round_the_fp32_logits():
+    """Under CPU bf16 autocast the operands are cast to bf16 (as nn.Linear would), but the logits,
+    softmax and gradients stay fp32: the result equals fp64 maths on the bf16-rounded operands."""
+    from mrt_fast.loss import fused_policy_loss, token_logprobs
+
+    g = torch.Generator().manual_seed(0)
+    h = (torch.randn(9, 16, generator=g) * 3).requires_grad_()
+    w = (torch.randn(37, 16, generator=g) * 3).requires_grad_()
+    t = torch.randint(0, 37, (9,), generator=g)
+    hb, wb = h.detach().bfloat16().double(), w.detach().bfloat16().double()
+    want = torch.log_softmax(hb @ wb.T, -1).gather(-1, t[:, None]).squeeze(-1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = token_logprobs(h, w, t)
+        _, metrics = fused_policy_loss(h, w, t, torch.ones(9))
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)  # bf16 logits would be ~0.1 off
+    torch.testing.assert_close(metrics["logprobs"].double(), want, rtol=1e-5, atol=1e-4)

@@ -12,6 +12,7 @@ Both compute ``logp_t = z_t - logsumexp(z)`` and ``H = -sum_j p_j log p_j`` with
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -84,6 +85,22 @@ def mm_fp32_out(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return (a @ b).float()
 
 
+def without_autocast(method):
+    """Run an autograd Function's ``forward``/``backward`` with autocast off on its tensors' device.
+
+    The kernels choose their own precisions (fp32 logits and accumulators from 16-bit operands);
+    under ``torch.autocast`` an fp32 matmul would silently be run and rounded in 16 bits again.
+    """
+
+    @functools.wraps(method)
+    def wrapper(ctx, *args):
+        device = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
+        with torch.autocast(device_type=device, enabled=False):
+            return method(ctx, *args)
+
+    return wrapper
+
+
 def block_logits_fp32(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``h @ W.T + b`` with an fp32 (fp64 for fp64 inputs) result.
 
@@ -107,6 +124,7 @@ def _rows(t: torch.Tensor | None, start: int, size: int) -> torch.Tensor | None:
 
 class ChunkedTorchLogprobs(torch.autograd.Function):
     @staticmethod
+    @without_autocast
     def forward(ctx, hidden, weight, bias, targets, temperature: float, chunk_size: int | None):
         N, V = hidden.shape[0], weight.shape[0]
         acc_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
@@ -125,6 +143,7 @@ class ChunkedTorchLogprobs(torch.autograd.Function):
         return logp, entropy.clone()  # fp32 (fp64 for fp64 inputs)
 
     @staticmethod
+    @without_autocast
     def backward(ctx, grad_logp, grad_entropy):
         hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
         grad_logp = torch.zeros_like(lse) if grad_logp is None else grad_logp.to(lse.dtype)
@@ -166,6 +185,7 @@ def triton_block_sizes(device: torch.device, dtype: torch.dtype) -> tuple[int, i
 
 class TritonLogprobs(torch.autograd.Function):
     @staticmethod
+    @without_autocast
     def forward(ctx, hidden, weight, bias, targets, temperature: float, chunk_size: int | None):
         from .logprobs_triton import logprobs_fwd_kernel
 
@@ -187,6 +207,7 @@ class TritonLogprobs(torch.autograd.Function):
         return logp, entropy.clone()
 
     @staticmethod
+    @without_autocast
     def backward(ctx, grad_logp, grad_entropy):
         from .logprobs_triton import logprobs_bwd_dh_kernel, logprobs_bwd_dw_kernel
 
@@ -241,6 +262,7 @@ class LogitsLogprobs(torch.autograd.Function):
     """
 
     @staticmethod
+    @without_autocast
     def forward(ctx, logits, targets, temperature: float, chunk_size: int | None):
         R, V = logits.shape
         acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
@@ -257,6 +279,7 @@ class LogitsLogprobs(torch.autograd.Function):
         return logp, entropy.clone()
 
     @staticmethod
+    @without_autocast
     def backward(ctx, grad_logp, grad_entropy):
         logits, targets, lse, entropy = ctx.saved_tensors
         grad_logp = torch.zeros_like(lse) if grad_logp is None else grad_logp.to(lse.dtype)

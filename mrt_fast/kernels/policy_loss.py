@@ -31,7 +31,7 @@ import torch
 
 from . import reference
 from .chunking import chunk_rows
-from .logprobs import block_logits_fp32, block_stats, dlogits_from_probs
+from .logprobs import block_logits_fp32, block_stats, dlogits_from_probs, without_autocast
 
 
 @dataclass(frozen=True)
@@ -162,6 +162,7 @@ class FusedPolicyLossFunction(torch.autograd.Function):
     """Forward computes loss, per-token outputs and (eagerly) dh, dW, db; backward scales them."""
 
     @staticmethod
+    @without_autocast
     def forward(ctx, hidden, weight, bias, inp: TokenInputs, cfg: PolicyConfig, backend: str, chunk_size,
                 grad_enabled: bool):
         # needs_input_grad stays True under torch.no_grad(); the caller's grad mode says whether
@@ -203,6 +204,7 @@ class FusedPolicyLossFunction(torch.autograd.Function):
         return (loss, *per_token)
 
     @staticmethod
+    @without_autocast
     def backward(ctx, grad_loss, *_unused):
         dh, dw, db = ctx.saved_tensors
         # A Python scalar multiplies in fp32 and rounds once, to the gradient's dtype; a 0-dim

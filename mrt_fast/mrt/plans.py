@@ -384,7 +384,9 @@ def mrt_rl_plan(
     for g, (i, j, b) in enumerate(prefixes):
         J = meta.J[i][cuts[i].index(j)]
         prefix_J.append(J)
-        first = builder.new_episodes(j)  # the prefix's episodes: context only, never trained
+        # Episode ids index per-episode advantages in the dense form, so only trained episodes get one
+        # there; in the paper form the prefix's episodes keep ids of their own (context, never trained).
+        first = builder.new_episodes(j) if progress == "paper" else -1
         seqs, masks, eps, lps = [], [], [], []
         for c in terms[i][cuts[i].index(j)] if n_term else []:
             r = float(grader(c.text, answers[i]))
@@ -458,6 +460,7 @@ def mrt_rl_plan(
         metrics["mrt/J_after_continuation/mean"] = _mean(J_after)
     details = {
         "cuts": list(prefixes),
+        "old_traces": [tr.token_ids for tr in traces],
         "J_prefix": prefix_J,
         "J_continuations": cont_J,
         "progress_boundaries": measure_at,

@@ -97,6 +97,23 @@ def test_grpo_plan(setup):
     torch.testing.assert_close(plan.advantages, (r - r.mean(1, keepdim=True)).flatten())
     assert plan.metrics["reward/mean"] == pytest.approx(r.mean().item())
     assert plan.metrics["response_length/mean"] == pytest.approx(sum(len(c) for g in plan.groups for c in g.continuations) / 6)
+    assert plan.metrics["advantage/mean"] == pytest.approx(0.0, abs=1e-6)  # the group baseline centres
+
+
+def test_grpo_length_penalty_and_std_normalisation(setup):
+    s = setup
+    plan = grpo_plan(s["engine"], s["tok"], s["prompts"], s["answers"], grader=parity_grader, params=s["params"],
+                     n=3, length_penalty=0.5, normalize_std=True)
+    R = torch.tensor([[float(parity_grader(text_of(s["tok"], c), "")) - 0.5 * len(c) / s["params"].max_new_tokens
+                       for c in g.continuations] for g in plan.groups], dtype=torch.float64)
+    centred = R - R.mean(1, keepdim=True)
+    std = R.std(1, keepdim=True)
+    expected = torch.where(std > 0, centred / (std + 1e-6), centred)
+    torch.testing.assert_close(plan.advantages, expected.flatten().float())
+    assert plan.metrics["reward/mean"] == pytest.approx(R.mean().item())
+    with pytest.raises(ValueError, match="length_penalty"):
+        grpo_plan(s["engine"], s["tok"], s["prompts"], s["answers"], grader=parity_grader, params=s["params"],
+                  n=2, length_penalty=-1.0)
 
 
 def meta_J(s, prompt, response, boundary, meta_params, k):

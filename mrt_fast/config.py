@@ -93,7 +93,7 @@ class AlgoConfig:
     ppo_epochs: int = 1
     train_both_branches: bool = True  # MRT-RL: also train n // 2 terminate-now answers (sampled at rollout.temperature)
     progress: str = "paper"  # MRT-RL progress: paper (one J gain per continuation) | dense (per episode)
-    normalize_std: bool = False  # divide each group's advantages by the std of its returns (all RL algorithms)
+    normalize_std: str = "none"  # none | group (/ std of the group's returns) | batch (/ RMS advantage): all RL algorithms
     length_penalty: float = 0.0  # GRPO: reward -= length_penalty * response tokens / rollout.max_new_tokens
     episode_min_gap: int = 2
     episode_max_episodes: int = 49  # the authors' value; they also merged episodes 5 at a time on real models
@@ -193,6 +193,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     _choice("model.attn_backend", cfg.model.attn_backend, ATTN_BACKENDS)
     _choice("data.grader", cfg.data.grader, ("auto", "math", "exact"))
     _choice("algo.progress", cfg.algo.progress, ("paper", "dense"))
+    _choice("algo.normalize_std", cfg.algo.normalize_std, ("none", "group", "batch"))
     _choice("eval.regret_tokens", cfg.eval.regret_tokens, ("authors", "response"))
     for name in ("train.steps", "train.global_batch_size", "train.mini_batch_size",
                  "train.max_tokens_per_micro_batch", "rollout.n", "rollout.max_new_tokens",

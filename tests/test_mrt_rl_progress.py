@@ -125,3 +125,28 @@ def test_std_normalisation_divides_each_group_by_its_return_spread(scripted):
     returns = torch.tensor([1.0, 0.75], dtype=torch.float64)
     std = returns.std().item()
     torch.testing.assert_close(scaled, plain / (std + 1e-6))
+
+
+@pytest.mark.parametrize("progress", ["paper", "dense"])
+def test_batch_normalisation_gives_unit_rms_over_trained_tokens(scripted, progress):
+    tok, term, prompt, engine = scripted
+    params = SamplingParams(temperature=1.0, max_new_tokens=200, seed=0)
+    kwargs = dict(grader=grader, params=params, meta_params=params, termination_ids=term, n=2, k=K, alpha=1.0,
+                  progress=progress, cut="every", splitter=make_splitter(min_gap=0))
+    plain = mrt_rl_plan(engine, tok, [prompt], ["7"], **kwargs)
+    scaled = mrt_rl_plan(engine, tok, [prompt], ["7"], normalize_std="batch", **kwargs)
+    # per token: its sequence's (or episode's) value, weighted by the loss mask, in fp64
+    values, weights = [], []
+    for g_index, g in enumerate(scaled.groups):
+        for c in range(len(g.continuations)):
+            ids = g.episode_id(c) if scaled.level == "episode" else [None] * len(g.continuations[c])
+            seq = 2 * g_index + c
+            for e, m in zip(ids, g.loss_mask(c)):
+                values.append(float(scaled.advantages[e] if e is not None else scaled.advantages[seq]))
+                weights.append(m)
+    v, w = torch.tensor(values, dtype=torch.float64), torch.tensor(weights, dtype=torch.float64)
+    assert float(((v * v * w).sum() / w.sum()).sqrt()) == pytest.approx(1.0, rel=1e-5)
+    ratio = scaled.advantages / plain.advantages
+    torch.testing.assert_close(ratio, torch.full_like(ratio, ratio[0].item()))  # one scale for the whole plan
+    with pytest.raises(ValueError, match="normalize_std must be one of"):
+        mrt_rl_plan(engine, tok, [prompt], ["7"], normalize_std="token", **kwargs)

@@ -24,8 +24,9 @@ Plans:
 - :func:`mrt_star_plan`  SFT examples: correct traces that make progress, cut after the episode of
   maximal ``J`` and closed with the termination text and a correct forced answer.
 
-``normalize_std`` means the same in every RL plan: each group's advantages are divided by the
-standard deviation of its sequences' returns (:func:`mrt_fast.mrt.advantages.group_std_scale`).
+``normalize_std`` means the same in every RL plan: ``"group"`` divides each group's advantages by the
+standard deviation of its sequences' returns (:func:`mrt_fast.mrt.advantages.group_std_scale`),
+``"batch"`` divides all of them by their root mean square over the trained tokens (unit update scale).
 """
 
 from __future__ import annotations
@@ -145,31 +146,66 @@ def _with_seed(params: Any, *salt: str) -> Any:
     return replace(params, seed=derive_seed(params.seed, *salt))
 
 
-def _advantage_metrics(builder: _GroupBuilder, advantages: torch.Tensor, level: str) -> dict[str, float]:
-    """``advantage/mean`` and ``advantage/abs_mean`` over trained tokens (what the token-mean loss weighs)."""
-    values, weights = [], []
+def _token_advantages(builder: _GroupBuilder, advantages: torch.Tensor, level: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every continuation token's advantage and its loss-mask weight, in plan order."""
+    values, weights = [torch.zeros(0)], [torch.zeros(0)]
     seq = 0
     for g in builder.groups:
         for k in range(len(g.continuations)):
             mask = torch.tensor(g.loss_mask(k), dtype=torch.float32)
             if level == "episode":
                 values.append(advantages[torch.tensor(g.episode_id(k), dtype=torch.long)])
-                weights.append(mask)
             else:
                 values.append(advantages[seq].expand(len(mask)))
-                weights.append(mask)
+            weights.append(mask)
             seq += 1
-    if not values:
-        return {"advantage/mean": 0.0, "advantage/abs_mean": 0.0}
-    v, w = torch.cat(values), torch.cat(weights)
+    return torch.cat(values), torch.cat(weights)
+
+
+def _advantage_metrics(builder: _GroupBuilder, advantages: torch.Tensor, level: str) -> dict[str, float]:
+    """``advantage/mean`` and ``advantage/abs_mean`` over trained tokens (what the token-mean loss weighs)."""
+    v, w = _token_advantages(builder, advantages, level)
     total = float(w.sum()) or 1.0
     return {"advantage/mean": float((v * w).sum()) / total, "advantage/abs_mean": float((v.abs() * w).sum()) / total}
 
 
-def _check_normalize(normalize_std: Any) -> bool:
-    if not isinstance(normalize_std, bool):
-        raise TypeError(f"normalize_std must be a bool, got {type(normalize_std).__name__}")
+NORMALIZE_MODES = ("none", "group", "batch")
+
+
+def _check_normalize(normalize_std: Any) -> str:
+    """``normalize_std``: ``"none"``, ``"group"`` or ``"batch"`` (``False`` / ``True`` mean none / group)."""
+    if isinstance(normalize_std, bool):
+        return "group" if normalize_std else "none"
+    if normalize_std not in NORMALIZE_MODES:
+        raise ValueError(f"normalize_std must be one of {NORMALIZE_MODES} (or a bool), got {normalize_std!r}")
     return normalize_std
+
+
+def _normalize(
+    advantages: torch.Tensor,
+    mode: str,
+    *,
+    returns: Sequence[float],
+    group_of: Sequence[int],
+    sequence_of: torch.Tensor | None,
+    builder: _GroupBuilder,
+    level: str,
+) -> torch.Tensor:
+    """The same standard-deviation normalisation for every plan.
+
+    ``group``: each advantage is divided by the standard deviation of its group's returns
+    (:func:`group_std_scale`; ``sequence_of`` maps episode values to their sequence). ``batch``: all
+    advantages are divided by their root mean square over the plan's trained tokens, i.e. the spread
+    of the returns about each algorithm's own baseline, so every algorithm's update has unit scale.
+    """
+    if mode == "group":
+        scale = group_std_scale(returns, group_of)
+        return advantages / (scale if sequence_of is None else scale[sequence_of])
+    if mode == "batch":
+        v, w = _token_advantages(builder, advantages, level)
+        rms = float(((v.square() * w).sum() / w.sum().clamp(min=1.0)).sqrt())
+        return advantages / rms if rms > 0 else advantages
+    return advantages
 
 
 # ----------------------------------------------------------------------------------------------
@@ -186,7 +222,7 @@ def grpo_plan(
     grader: Grader,
     params: Any,
     n: int,
-    normalize_std: bool = False,
+    normalize_std: bool | str = "none",
     length_penalty: float = 0.0,
     splitter: EpisodeSplitter | None = None,
 ) -> RLPlan:
@@ -220,7 +256,8 @@ def grpo_plan(
             lengths.append(len(c.token_ids))
             n_episodes.append(tr.num_episodes)
         builder.add(prompt, conts, None, eps, [_logprobs(c) for c in per_prompt])
-    adv = group_baseline(rewards, group_ids, normalize_std=normalize_std)
+    adv = _normalize(group_baseline(rewards, group_ids), normalize_std, returns=rewards, group_of=group_ids,
+                     sequence_of=None, builder=builder, level="sequence")
     metrics = {
         "reward/mean": _mean(rewards),
         "reward/progress/mean": 0.0,
@@ -274,7 +311,7 @@ def mrt_rl_plan(
     progress: str = "paper",
     cut: str = "random",
     train_terminate: bool = True,
-    normalize_std: bool = False,
+    normalize_std: bool | str = "none",
     old_traces: Sequence[Sequence[int]] | None = None,
     rng: random.Random | None = None,
     splitter: EpisodeSplitter | None = None,
@@ -435,10 +472,9 @@ def mrt_rl_plan(
         builder.add(full[i][: len(prompts[i]) + b], seqs, masks, eps, lps)
 
     level = "episode" if progress == "dense" else "sequence"
-    adv = torch.tensor(values, dtype=torch.float32)
-    if normalize_std:
-        scale = group_std_scale(returns, group_of)
-        adv = adv / (scale[torch.tensor(episode_seq, dtype=torch.long)] if level == "episode" else scale)
+    adv = _normalize(torch.tensor(values, dtype=torch.float32), normalize_std, returns=returns, group_of=group_of,
+                     sequence_of=torch.tensor(episode_seq, dtype=torch.long) if level == "episode" else None,
+                     builder=builder, level=level)
     forced = [len(c.token_ids) for i, j, _ in prefixes for c in meta.completions[i][cuts[i].index(j)]]
     metrics = {
         "reward/mean": _mean(returns),
@@ -551,7 +587,7 @@ def mrt_online_plan(
     n: int,
     k: int,
     alpha: float = 1.0,
-    normalize_std: bool = False,
+    normalize_std: bool | str = "none",
     responses: Sequence[Sequence[Sequence[int]]] | None = None,
     splitter: EpisodeSplitter | None = None,
 ) -> RLPlan:
@@ -584,8 +620,8 @@ def mrt_online_plan(
         builder.add(prompt, conts, None, eps, [s.logprobs for _, s in members])
     values = per_episode_dense(seq_adv, progress, episode_seq, alpha)
     returns = [s.outcome + alpha * (s.J[-1] - s.J[0]) for s in scored]  # the episodes' progress summed
-    if normalize_std:
-        values = values / group_std_scale(returns, problems)[torch.tensor(episode_seq, dtype=torch.long)]
+    values = _normalize(values, normalize_std, returns=returns, group_of=problems,
+                        sequence_of=torch.tensor(episode_seq, dtype=torch.long), builder=builder, level="episode")
     forced = [len(c.token_ids) for s in scored for per_boundary in s.forced_answers for c in per_boundary]
     metrics = {
         "reward/mean": _mean(returns),

@@ -93,7 +93,7 @@ class AlgoConfig:
     ppo_epochs: int = 1
     train_both_branches: bool = True  # MRT-RL: also train n // 2 terminate-now answers (sampled at rollout.temperature)
     progress: str = "paper"  # MRT-RL progress: paper (one J gain per continuation) | dense (per episode)
-    normalize_std: str = "none"  # none | group (/ std of the group's returns) | batch (/ RMS advantage): all RL algorithms
+    normalize_std: str = "batch"  # batch (/ RMS advantage: equal step scale) | group (/ std of group returns) | none
     length_penalty: float = 0.0  # GRPO: reward -= length_penalty * response tokens / rollout.max_new_tokens
     episode_min_gap: int = 2
     episode_max_episodes: int = 49  # the authors' value; they also merged episodes 5 at a time on real models

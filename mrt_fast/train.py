@@ -362,6 +362,8 @@ def make_plan(cfg: RunConfig, examples: Sequence[Example], engine: Any, tokenize
                                    normalize_std=a.normalize_std, **meta, **common)
     else:
         raise ValueError(f"algo.name={name!r} has no plan")
+    if a.normalize_std == "batch":
+        _one_batch_scale(rl)
     adv = rl.advantages.tolist()
     if rl.level == "episode":
         return Plan(rl.groups, [adv], "episode", rl.metrics)
@@ -370,6 +372,22 @@ def make_plan(cfg: RunConfig, examples: Sequence[Example], engine: Any, tokenize
         per_group.append(adv[i:i + len(g.continuations)])
         i += len(g.continuations)
     return Plan(rl.groups, per_group, "sequence", rl.metrics)
+
+
+def _one_batch_scale(rl: Any) -> None:
+    """``normalize_std=batch`` over the whole step: each rank's plan divided its advantages by its own
+    RMS; rescale them to the RMS over every rank's trained tokens (collective; a no-op on one rank)."""
+    tokens = float(sum(sum(g.loss_mask(k)) for g in rl.groups for k in range(len(g.continuations))))
+    squares, total = all_reduce_sum(torch.tensor([rl.advantage_scale ** 2 * tokens, tokens],
+                                                 dtype=torch.float64)).tolist()
+    if squares <= 0:
+        return
+    overall = math.sqrt(squares / total)
+    factor = rl.advantage_scale / overall  # 0 for a rank whose advantages are all 0 (they stay 0)
+    rl.advantages = rl.advantages * factor
+    rl.advantage_scale = overall
+    for key in ("advantage/mean", "advantage/abs_mean"):
+        rl.metrics[key] *= factor
 
 
 def gather_plan(plan: Plan) -> tuple[Plan, dict[str, float]]:

@@ -48,3 +48,25 @@ def test_episode_settings_reach_the_plans(tmp_path):
     splitter = train.episode_splitter(config(tmp_path, "grpo", **{"algo.episode_min_gap": 0}))
     assert len(splitter("a\n\nWait b\n\nWait c")) == 3
     assert len(train.episode_splitter(cfg)("a\n\nWait b\n\nWait c")) == 1
+
+
+def test_batch_normalisation_uses_one_scale_over_all_ranks(monkeypatch):
+    """Each rank's plan divides by its own RMS; the trainer rescales to the RMS over every rank."""
+    import math
+
+    import torch
+
+    from mrt_fast.mrt.plans import RLPlan
+    from mrt_fast.packing import PrefixGroup
+
+    raw = torch.tensor([1.0, -3.0])  # this rank: two sequences of 2 and 1 trained tokens
+    local = math.sqrt((1.0 * 2 + 9.0 * 1) / 3)
+    rl = RLPlan([PrefixGroup([5], [[1, 2], [3]])], raw / local, "sequence",
+                {"advantage/mean": 0.0, "advantage/abs_mean": 1.0}, advantage_scale=local)
+    other_rank = torch.tensor([4.0 * 5, 5.0], dtype=torch.float64)  # RMS 2 over 5 tokens
+    monkeypatch.setattr(train, "all_reduce_sum", lambda t: t + other_rank)
+    train._one_batch_scale(rl)
+    overall = math.sqrt((11.0 + 20.0) / 8)
+    torch.testing.assert_close(rl.advantages, raw / overall)
+    assert rl.advantage_scale == pytest.approx(overall)
+    assert rl.metrics["advantage/abs_mean"] == pytest.approx(local / overall)

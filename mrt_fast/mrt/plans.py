@@ -74,6 +74,7 @@ class RLPlan:
     metrics: dict[str, float]
     sample_logprobs: list[list[list[float]]] = field(default_factory=list)
     details: dict[str, Any] = field(default_factory=dict)
+    advantage_scale: float = 1.0  # normalize_std="batch": the RMS the advantages were divided by (1 otherwise)
 
     @property
     def num_sequences(self) -> int:
@@ -190,22 +191,23 @@ def _normalize(
     sequence_of: torch.Tensor | None,
     builder: _GroupBuilder,
     level: str,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, float]:
     """The same standard-deviation normalisation for every plan.
 
     ``group``: each advantage is divided by the standard deviation of its group's returns
     (:func:`group_std_scale`; ``sequence_of`` maps episode values to their sequence). ``batch``: all
     advantages are divided by their root mean square over the plan's trained tokens, i.e. the spread
     of the returns about each algorithm's own baseline, so every algorithm's update has unit scale.
+    Returns the advantages and the scale ``batch`` found (the RMS; 1 for the other modes).
     """
     if mode == "group":
         scale = group_std_scale(returns, group_of)
-        return advantages / (scale if sequence_of is None else scale[sequence_of])
+        return advantages / (scale if sequence_of is None else scale[sequence_of]), 1.0
     if mode == "batch":
         v, w = _token_advantages(builder, advantages, level)
         rms = float(((v.square() * w).sum() / w.sum().clamp(min=1.0)).sqrt())
-        return advantages / rms if rms > 0 else advantages
-    return advantages
+        return (advantages / rms, rms) if rms > 0 else (advantages, 0.0)  # all 0: nothing to scale
+    return advantages, 1.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -256,7 +258,7 @@ def grpo_plan(
             lengths.append(len(c.token_ids))
             n_episodes.append(tr.num_episodes)
         builder.add(prompt, conts, None, eps, [_logprobs(c) for c in per_prompt])
-    adv = _normalize(group_baseline(rewards, group_ids), normalize_std, returns=rewards, group_of=group_ids,
+    adv, scale = _normalize(group_baseline(rewards, group_ids), normalize_std, returns=rewards, group_of=group_ids,
                      sequence_of=None, builder=builder, level="sequence")
     metrics = {
         "reward/mean": _mean(rewards),
@@ -266,7 +268,7 @@ def grpo_plan(
         "episodes/mean": _mean(n_episodes),
         **_advantage_metrics(builder, adv, "sequence"),
     }
-    return RLPlan(builder.groups, adv, "sequence", metrics, builder.logprobs, {"outcome": outcome})
+    return RLPlan(builder.groups, adv, "sequence", metrics, builder.logprobs, {"outcome": outcome}, scale)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -472,7 +474,7 @@ def mrt_rl_plan(
         builder.add(full[i][: len(prompts[i]) + b], seqs, masks, eps, lps)
 
     level = "episode" if progress == "dense" else "sequence"
-    adv = _normalize(torch.tensor(values, dtype=torch.float32), normalize_std, returns=returns, group_of=group_of,
+    adv, scale = _normalize(torch.tensor(values, dtype=torch.float32), normalize_std, returns=returns, group_of=group_of,
                      sequence_of=torch.tensor(episode_seq, dtype=torch.long) if level == "episode" else None,
                      builder=builder, level=level)
     forced = [len(c.token_ids) for i, j, _ in prefixes for c in meta.completions[i][cuts[i].index(j)]]
@@ -502,7 +504,7 @@ def mrt_rl_plan(
         "progress_boundaries": measure_at,
         "returns": returns,
     }
-    return RLPlan(builder.groups, adv, level, metrics, builder.logprobs, details)
+    return RLPlan(builder.groups, adv, level, metrics, builder.logprobs, details, scale)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -620,7 +622,7 @@ def mrt_online_plan(
         builder.add(prompt, conts, None, eps, [s.logprobs for _, s in members])
     values = per_episode_dense(seq_adv, progress, episode_seq, alpha)
     returns = [s.outcome + alpha * (s.J[-1] - s.J[0]) for s in scored]  # the episodes' progress summed
-    values = _normalize(values, normalize_std, returns=returns, group_of=problems,
+    values, scale = _normalize(values, normalize_std, returns=returns, group_of=problems,
                         sequence_of=torch.tensor(episode_seq, dtype=torch.long), builder=builder, level="episode")
     forced = [len(c.token_ids) for s in scored for per_boundary in s.forced_answers for c in per_boundary]
     metrics = {
@@ -635,7 +637,7 @@ def mrt_online_plan(
         "mrt/forced_answer_length/mean": _mean(forced),
     }
     details = {"outcome": [s.outcome for s in scored], "J": [s.J for s in scored], "boundaries": [s.boundaries for s in scored]}
-    return RLPlan(builder.groups, values, "episode", metrics, builder.logprobs, details)
+    return RLPlan(builder.groups, values, "episode", metrics, builder.logprobs, details, scale)
 
 
 def mrt_star_plan(

@@ -259,7 +259,7 @@ def grpo_plan(
             n_episodes.append(tr.num_episodes)
         builder.add(prompt, conts, None, eps, [_logprobs(c) for c in per_prompt])
     adv, scale = _normalize(group_baseline(rewards, group_ids), normalize_std, returns=rewards, group_of=group_ids,
-                     sequence_of=None, builder=builder, level="sequence")
+                            sequence_of=None, builder=builder, level="sequence")
     metrics = {
         "reward/mean": _mean(rewards),
         "reward/progress/mean": 0.0,
@@ -376,7 +376,7 @@ def mrt_rl_plan(
     cuts: list[list[int]] = []
     for tr in traces:
         starts = [0] + tr.episode_ends
-        choices = [j for j in range(tr.num_episodes) if starts[j] < budget] or [0]
+        choices = [j for j in range(tr.num_episodes) if starts[j] < budget]  # j = 0 always qualifies
         cuts.append(choices if cut == "every" else [rng.choice(choices)])
     bounds = [[([0] + tr.episode_ends)[j] for j in js] for tr, js in zip(traces, cuts)]
     prefixes = [(i, j, b) for i in range(len(prompts)) for j, b in zip(cuts[i], bounds[i])]
@@ -474,9 +474,11 @@ def mrt_rl_plan(
         builder.add(full[i][: len(prompts[i]) + b], seqs, masks, eps, lps)
 
     level = "episode" if progress == "dense" else "sequence"
-    adv, scale = _normalize(torch.tensor(values, dtype=torch.float32), normalize_std, returns=returns, group_of=group_of,
-                     sequence_of=torch.tensor(episode_seq, dtype=torch.long) if level == "episode" else None,
-                     builder=builder, level=level)
+    adv, scale = _normalize(
+        torch.tensor(values, dtype=torch.float32), normalize_std, returns=returns, group_of=group_of,
+        sequence_of=torch.tensor(episode_seq, dtype=torch.long) if level == "episode" else None,
+        builder=builder, level=level,
+    )
     forced = [len(c.token_ids) for i, j, _ in prefixes for c in meta.completions[i][cuts[i].index(j)]]
     metrics = {
         "reward/mean": _mean(returns),
@@ -623,7 +625,8 @@ def mrt_online_plan(
     values = per_episode_dense(seq_adv, progress, episode_seq, alpha)
     returns = [s.outcome + alpha * (s.J[-1] - s.J[0]) for s in scored]  # the episodes' progress summed
     values, scale = _normalize(values, normalize_std, returns=returns, group_of=problems,
-                        sequence_of=torch.tensor(episode_seq, dtype=torch.long), builder=builder, level="episode")
+                               sequence_of=torch.tensor(episode_seq, dtype=torch.long), builder=builder,
+                               level="episode")
     forced = [len(c.token_ids) for s in scored for per_boundary in s.forced_answers for c in per_boundary]
     metrics = {
         "reward/mean": _mean(returns),

@@ -71,7 +71,7 @@ class RolloutConfig:
     top_p: float = 1.0
     top_k: int = 0
     max_new_tokens: int = 512  # the embedded task's warm-start traces run to ~300 tokens
-    meta_k: int = 4  # forced-termination answers per boundary (the paper's K)
+    meta_k: int = 8  # forced-termination answers per boundary (the paper's K): J estimates, never trained
     meta_temperature: float = 0.6
     meta_top_p: float = 0.95
     meta_max_new_tokens: int = 32
@@ -94,9 +94,12 @@ class AlgoConfig:
     entropy_coef: float = 0.0
     loss_agg: str = "token-mean"
     ppo_epochs: int = 1
-    train_both_branches: bool = True  # MRT-RL: train on the terminate-now branch too
+    train_both_branches: bool = True  # MRT-RL: also train n // 2 terminate-now answers (sampled at rollout.temperature)
+    progress: str = "paper"  # MRT-RL progress: paper (one J gain per continuation) | dense (per episode)
+    normalize_std: str = "batch"  # batch (/ RMS advantage: equal step scale) | group (/ std of group returns) | none
+    length_penalty: float = 0.0  # GRPO: reward -= length_penalty * response tokens / rollout.max_new_tokens
     episode_min_gap: int = 2
-    episode_max_episodes: int = 64
+    episode_max_episodes: int = 49  # the authors' value; they also merged episodes 5 at a time on real models
     episode_group_size: int = 1
 
 
@@ -140,6 +143,7 @@ class EvalConfig:
     temperature: float = 0.0  # 0 = greedy
     meta_k: int = 4  # forced-termination answers per episode boundary, for J and regret
     budgets: list[int] = field(default_factory=list)  # token budgets for normalised regret (default: max_new_tokens)
+    regret_tokens: str = "authors"  # regret x-axis: authors (meta-prover input + mean answer) | response
     every: int = 0  # also evaluate every N steps (0: only at the end)
     before_training: bool = True  # evaluate the starting model too (logged as step 0)
 
@@ -191,6 +195,9 @@ def validate(cfg: RunConfig) -> RunConfig:
     _choice("rollout.engine", cfg.rollout.engine, ENGINES)
     _choice("model.attn_backend", cfg.model.attn_backend, ATTN_BACKENDS)
     _choice("data.grader", cfg.data.grader, ("auto", "math", "exact"))
+    _choice("algo.progress", cfg.algo.progress, ("paper", "dense"))
+    _choice("algo.normalize_std", cfg.algo.normalize_std, ("none", "group", "batch"))
+    _choice("eval.regret_tokens", cfg.eval.regret_tokens, ("authors", "response"))
     for name in ("train.steps", "train.global_batch_size", "train.mini_batch_size",
                  "train.max_tokens_per_micro_batch", "rollout.n", "rollout.max_new_tokens",
                  "rollout.meta_k", "rollout.meta_max_new_tokens", "algo.ppo_epochs", "optim.lr",

@@ -304,16 +304,34 @@ class Plan:
 RL_ALGORITHMS = ("grpo", "mrt-rl", "mrt-online")
 
 
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The sampling seed of one rank's step: a hash, so no two (seed, step, rank) share one."""
+    from mrt_fast.rollout.sampling import stream_seed
+
+    return stream_seed(seed, step, rank)
+
+
 def sampling_params(cfg: RunConfig, tokenizer: Any, seed: int, *, meta: bool = False) -> Any:
     from mrt_fast.rollout import SamplingParams
+    from mrt_fast.rollout.sampling import derive_seed
 
     r = cfg.rollout
     stop = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    if meta:  # the meta-prover's forced-termination answers (DESIGN.md section 2)
+    if meta:  # the meta-prover's forced-termination answers: J estimates, never trained
         return SamplingParams(temperature=r.meta_temperature, top_p=r.meta_top_p,
-                              max_new_tokens=r.meta_max_new_tokens, stop_token_ids=stop, seed=seed + 1)
+                              max_new_tokens=r.meta_max_new_tokens, stop_token_ids=stop,
+                              seed=derive_seed(seed, "meta"))
     return SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                           max_new_tokens=r.max_new_tokens, stop_token_ids=stop, seed=seed)
+
+
+def episode_splitter(cfg: RunConfig) -> Any:
+    """The episode splitter of ``algo.episode_*``, shared by the plans and the evaluation."""
+    from mrt_fast.mrt.episodes import make_splitter
+
+    a = cfg.algo
+    return make_splitter(min_gap=a.episode_min_gap, max_episodes=a.episode_max_episodes,
+                         group_size=a.episode_group_size)
 
 
 def make_plan(cfg: RunConfig, examples: Sequence[Example], engine: Any, tokenizer: Any, grader: Any,
@@ -335,23 +353,27 @@ def make_plan(cfg: RunConfig, examples: Sequence[Example], engine: Any, tokenize
     from mrt_fast.mrt.progress import termination_token_ids
 
     answers = [ex.answer for ex in examples]
-    common = dict(grader=grader, params=sampling_params(cfg, tokenizer, seed))
+    common = dict(grader=grader, params=sampling_params(cfg, tokenizer, seed), splitter=episode_splitter(cfg))
+    meta = dict(meta_params=sampling_params(cfg, tokenizer, seed, meta=True), n=cfg.rollout.n,
+                k=cfg.rollout.meta_k, termination_ids=termination_token_ids(tokenizer))
+    a = cfg.algo
     if name == "grpo":
-        rl = plans.grpo_plan(engine, tokenizer, prompts, answers, n=cfg.rollout.n, **common)
+        rl = plans.grpo_plan(engine, tokenizer, prompts, answers, n=cfg.rollout.n, normalize_std=a.normalize_std,
+                             length_penalty=a.length_penalty, **common)
     elif name == "mrt-rl":
-        rl = plans.mrt_rl_plan(engine, tokenizer, prompts, answers, n=cfg.rollout.n, alpha=cfg.algo.alpha,
-                               termination_ids=termination_token_ids(tokenizer),
-                               answer_params=sampling_params(cfg, tokenizer, seed, meta=True),
-                               train_terminate=cfg.algo.train_both_branches, rng=random.Random(seed), **common)
-    elif name in ("mrt-online", "mrt-star"):
-        meta = dict(meta_params=sampling_params(cfg, tokenizer, seed, meta=True), n=cfg.rollout.n,
-                    k=cfg.rollout.meta_k, termination_ids=termination_token_ids(tokenizer))
-        if name == "mrt-star":
-            kept, metrics = plans.mrt_star_plan(engine, tokenizer, prompts, answers, **meta, **common)
-            return Plan([ex.to_prefix_group() for ex in kept], [[1.0] for _ in kept], "sequence", metrics)
-        rl = plans.mrt_online_plan(engine, tokenizer, prompts, answers, alpha=cfg.algo.alpha, **meta, **common)
+        rl = plans.mrt_rl_plan(engine, tokenizer, prompts, answers, alpha=a.alpha, progress=a.progress,
+                               train_terminate=a.train_both_branches, normalize_std=a.normalize_std,
+                               rng=random.Random(seed), **meta, **common)
+    elif name == "mrt-star":
+        kept, metrics = plans.mrt_star_plan(engine, tokenizer, prompts, answers, **meta, **common)
+        return Plan([ex.to_prefix_group() for ex in kept], [[1.0] for _ in kept], "sequence", metrics)
+    elif name == "mrt-online":
+        rl = plans.mrt_online_plan(engine, tokenizer, prompts, answers, alpha=a.alpha,
+                                   normalize_std=a.normalize_std, **meta, **common)
     else:
         raise ValueError(f"algo.name={name!r} has no plan")
+    if a.normalize_std == "batch":
+        _one_batch_scale(rl)
     adv = rl.advantages.tolist()
     if rl.level == "episode":
         return Plan(rl.groups, [adv], "episode", rl.metrics)
@@ -360,6 +382,22 @@ def make_plan(cfg: RunConfig, examples: Sequence[Example], engine: Any, tokenize
         per_group.append(adv[i:i + len(g.continuations)])
         i += len(g.continuations)
     return Plan(rl.groups, per_group, "sequence", rl.metrics)
+
+
+def _one_batch_scale(rl: Any) -> None:
+    """``normalize_std=batch`` over the whole step: each rank's plan divided its advantages by its own
+    RMS; rescale them to the RMS over every rank's trained tokens (collective; a no-op on one rank)."""
+    tokens = float(sum(sum(g.loss_mask(k)) for g in rl.groups for k in range(len(g.continuations))))
+    squares, total = all_reduce_sum(torch.tensor([rl.advantage_scale ** 2 * tokens, tokens],
+                                                 dtype=torch.float64)).tolist()
+    if squares <= 0:
+        return
+    overall = math.sqrt(squares / total)
+    factor = rl.advantage_scale / overall  # 0 for a rank whose advantages are all 0 (they stay 0)
+    rl.advantages = rl.advantages * factor
+    rl.advantage_scale = overall
+    for key in ("advantage/mean", "advantage/abs_mean"):
+        rl.metrics[key] *= factor
 
 
 def gather_plan(plan: Plan) -> tuple[Plan, dict[str, float]]:
@@ -592,7 +630,8 @@ def evaluate(cfg: RunConfig, engine: Any, tokenizer: Any, examples: Sequence[Exa
         params.temperature, params.max_new_tokens = e.temperature, e.max_new_tokens
         settings = EvalSettings(params=params, meta_params=sampling_params(cfg, tokenizer, cfg.train.seed, meta=True),
                                 n=e.samples, ks=(1,), meta_k=e.meta_k, regret_samples=1,
-                                budgets=tuple(e.budgets) if e.budgets else (e.max_new_tokens,))
+                                budgets=tuple(e.budgets) if e.budgets else (e.max_new_tokens,),
+                                regret_tokens=e.regret_tokens, splitter=episode_splitter(cfg))
         result = run_eval(engine, tokenizer, [prompt_token_ids(tokenizer, ex.prompt) for ex in mine],
                           [ex.answer for ex in mine], grader=grader, termination_ids=termination_token_ids(tokenizer),
                           settings=settings, extract=_extract_answer)
@@ -742,7 +781,7 @@ def run(cfg: RunConfig, *, export_only: bool = False, allow_config_change: bool 
             indices = data.take(cfg.train.global_batch_size)[env.rank * per_rank:(env.rank + 1) * per_rank]
             with timer("gen"):
                 plan = make_plan(cfg, [examples[i] for i in indices], engine, tokenizer, grader,
-                                 seed=cfg.train.seed * 1_000_003 + step * 1_009 + env.rank)
+                                 seed=step_seed(cfg.train.seed, step, env.rank))
             plan, rollout_metrics = gather_plan(plan)
             with timer("update_actor"):
                 actor.train()

@@ -37,6 +37,7 @@ def test_eval_writes_json_and_plots_with_consistent_numbers(run_dir, tmp_path):
         "--model", str(run_dir), "--dataset", str(run_dir / "data.jsonl"), "--prompt-column", "question",
         "--grader", "exact", "--n", "2", "--max-new-tokens", "12", "--meta-k", "2", "--meta-max-new-tokens", "4",
         "--budgets", "6,12,30", "--forcing-budget", "30", "--forcing-step", "8", "--out", str(out), "--no-progress",
+        "--regret-tokens", "response",  # x = response tokens: the first point at 0
     ])
     assert rc == 0
     result = json.loads((out / "eval.json").read_text())

@@ -63,3 +63,30 @@ def test_curve_on_grid():
         [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
     )
     assert curve_on_grid([0, 0, 10], [0.5, 0.7, 0.9], [0, 5]) == pytest.approx([0.7, 0.8])
+
+
+def test_regret_rejects_values_that_are_not_probabilities():
+    for bad in ([-0.5, 0.5], [0.5, 1.5]):
+        with pytest.raises(ValueError, match="pass_at_1 holds probabilities"):
+            normalized_regret([10, 20], bad, 30)
+
+
+def authors_area(x, y, cutoff):
+    """The area of analysis/code/regret.ipynb (numpy, fp64), written the notebook's way."""
+    import numpy as np
+
+    y = [0.0] + list(y)
+    x = np.array([0.0] + list(x))
+    filtered = list(x[x < cutoff])
+    if len(filtered) == len(x):
+        return np.trapezoid(y + [y[-1]], list(x) + [cutoff]) / cutoff
+    i = len(filtered) - 1
+    y_cut = y[i] + (cutoff - x[i]) / (x[i + 1] - x[i]) * (y[i + 1] - y[i])
+    return np.trapezoid(y[: i + 1] + [y_cut], filtered + [cutoff]) / cutoff
+
+
+@pytest.mark.parametrize("cutoff", [50, 130.5, 400, 4096])
+def test_regret_matches_the_authors_notebook(cutoff):
+    x = [120.0, 180.25, 250.0, 333.0]
+    y = [0.125, 0.5, 0.375, 0.875]
+    assert normalized_regret(x, y, cutoff) == pytest.approx(1 - authors_area(x, y, cutoff), abs=1e-12)

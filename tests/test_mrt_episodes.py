@@ -108,6 +108,7 @@ def test_custom_cues_and_triple_newlines_follow_str_split():
         ({"group_size": 0}, ValueError),
         ({"group_size": 1.5}, TypeError),
         ({"cues": "Wait"}, TypeError),
+        ({"cues": None}, TypeError),
         ({"cues": [""]}, ValueError),
     ],
 )

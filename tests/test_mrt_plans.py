@@ -97,37 +97,71 @@ def test_grpo_plan(setup):
     torch.testing.assert_close(plan.advantages, (r - r.mean(1, keepdim=True)).flatten())
     assert plan.metrics["reward/mean"] == pytest.approx(r.mean().item())
     assert plan.metrics["response_length/mean"] == pytest.approx(sum(len(c) for g in plan.groups for c in g.continuations) / 6)
+    assert plan.metrics["advantage/mean"] == pytest.approx(0.0, abs=1e-6)  # the group baseline centres
+
+
+def test_grpo_length_penalty_and_std_normalisation(setup):
+    s = setup
+    plan = grpo_plan(s["engine"], s["tok"], s["prompts"], s["answers"], grader=parity_grader, params=s["params"],
+                     n=3, length_penalty=0.5, normalize_std=True)
+    R = torch.tensor([[float(parity_grader(text_of(s["tok"], c), "")) - 0.5 * len(c) / s["params"].max_new_tokens
+                       for c in g.continuations] for g in plan.groups], dtype=torch.float64)
+    centred = R - R.mean(1, keepdim=True)
+    std = R.std(1, keepdim=True)
+    expected = torch.where(std > 0, centred / (std + 1e-6), centred)
+    torch.testing.assert_close(plan.advantages, expected.flatten().float())
+    assert plan.metrics["reward/mean"] == pytest.approx(R.mean().item())
+    with pytest.raises(ValueError, match="length_penalty"):
+        grpo_plan(s["engine"], s["tok"], s["prompts"], s["answers"], grader=parity_grader, params=s["params"],
+                  n=2, length_penalty=-1.0)
+
+
+def meta_J(s, prompt, response, boundary, meta_params, k):
+    """J at one boundary, measured again from scratch: streams are named by their context, so the
+    same seed and context give the plan's forced answers."""
+    return run_meta_prover(s["engine"], [prompt], [response], [[boundary]], answers=[""], grader=parity_grader,
+                           termination_ids=s["term"], k=k, params=meta_params).J[0][0]
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.5])
-def test_mrt_rl_plan_termination_baseline(setup, alpha):
+def test_mrt_rl_plan_termination_baseline_and_measured_progress(setup, alpha):
     s = setup
-    n = 4
+    n, k = 4, 3
+    meta_params = SamplingParams(temperature=0.6, top_p=0.95, max_new_tokens=6, seed=11)
     plan = mrt_rl_plan(s["engine"], s["tok"], s["prompts"], s["answers"], grader=parity_grader, params=s["params"],
-                       termination_ids=s["term"], n=n, alpha=alpha, old_traces=s["traces"], rng=random.Random(5))
+                       meta_params=meta_params, termination_ids=s["term"], n=n, k=k, alpha=alpha,
+                       old_traces=s["traces"], rng=random.Random(5))
     check_groups_consistent(plan)
     assert len(plan.groups) == 2 and plan.num_sequences == 2 * n == plan.advantages.numel()
     expected = []
+    T = len(s["term"])
     for g, (i, j, b), J_reported in zip(plan.groups, plan.details["cuts"], plan.details["J_prefix"]):
         tr = episode_trace(s["tok"], s["traces"][i])
         assert b == ([0] + tr.episode_ends)[j] and j < tr.num_episodes  # cut at an episode boundary
-        assert g.prefix == s["prompts"][i] + s["traces"][i][:b]
-        T = len(s["term"])
-        r_term, r_cont = [], []
-        for k, cont in enumerate(g.continuations):
-            mask, eps = g.loss_mask(k), g.episode_id(k)
-            if k < n // 2:  # terminate now: termination text (masked) + answer (trained)
+        prompt, prefix = s["prompts"][i], s["traces"][i][:b]
+        assert g.prefix == prompt + prefix
+        J = meta_J(s, prompt, s["traces"][i], b, meta_params, k)  # k forced answers at T = 0.6
+        assert J_reported == J
+        for c, cont in enumerate(g.continuations):
+            mask = g.loss_mask(c)
+            if c < n // 2:  # terminate now: termination text (masked) + an answer from the policy (trained)
                 assert cont[:T] == s["term"] and mask == [0.0] * T + [1.0] * (len(cont) - T)
-                assert len(set(eps)) == 1
-                r_term.append(float(parity_grader(text_of(s["tok"], cont[T:]), "")))
+                assert len(set(g.episode_id(c))) == 1
+                expected.append(float(parity_grader(text_of(s["tok"], cont[T:]), "")) - J)
             else:
                 assert mask == [1.0] * len(cont)
-                r_cont.append(float(parity_grader(text_of(s["tok"], cont), "")))
-        J = sum(r_term) / len(r_term)
-        assert J_reported == J
-        expected += [r - J for r in r_term] + [r + alpha * (r - J) - J for r in r_cont]
+                r = float(parity_grader(text_of(s["tok"], cont), ""))
+                progress = 0.0
+                if alpha:
+                    combined = episode_trace(s["tok"], prefix + cont)
+                    if combined.think_end > b:  # J forced where the continuation's thinking ends
+                        progress = meta_J(s, prompt, prefix + cont, combined.think_end, meta_params, k) - J
+                expected.append(r - J + alpha * progress)
     torch.testing.assert_close(plan.advantages, torch.tensor(expected))
-    assert {"reward/mean", "reward/progress/mean", "response_length/mean", "mrt/J_prefix/mean"} <= set(plan.metrics)
+    assert {"reward/mean", "reward/progress/mean", "response_length/mean", "mrt/J_prefix/mean", "advantage/mean",
+            "advantage/abs_mean", "mrt/prefix_length/mean", "mrt/forced_answer_length/mean"} <= set(plan.metrics)
+    generated = [len(c) - (T if c[:T] == s["term"] else 0) for g in plan.groups for c in g.continuations]
+    assert plan.metrics["response_length/mean"] == pytest.approx(sum(generated) / len(generated))
 
     # The packer consumes the groups as they are: one target per continuation token, masks carried.
     batches = pack(plan.groups)
@@ -139,19 +173,54 @@ def test_mrt_rl_plan_termination_baseline(setup, alpha):
 
 def test_mrt_rl_plan_every_boundary_and_terminate_branch_off(setup):
     s = setup
-    plan = mrt_rl_plan(s["engine"], s["tok"], s["prompts"], s["answers"], grader=parity_grader, params=s["params"],
-                       termination_ids=s["term"], n=2, cut="every", train_terminate=False, old_traces=s["traces"])
+    params = SamplingParams(temperature=1.0, max_new_tokens=max(len(t) for t in s["traces"]) + 1, seed=1)
+    plan = mrt_rl_plan(s["engine"], s["tok"], s["prompts"], s["answers"], grader=parity_grader, params=params,
+                       meta_params=s["params"], termination_ids=s["term"], n=1, k=2, cut="every",
+                       train_terminate=False, old_traces=s["traces"])
     check_groups_consistent(plan)
     n_eps = [episode_trace(s["tok"], t).num_episodes for t in s["traces"]]
     assert len(plan.groups) == sum(n_eps)
     assert [j for _, j, _ in plan.details["cuts"]] == [j for n in n_eps for j in range(n)]
     assert all(len(g.continuations) == 1 for g in plan.groups) and plan.advantages.numel() == len(plan.groups)
+    assert all(g.continuations[0][: len(s["term"])] != s["term"] for g in plan.groups)  # all continue thinking
     with pytest.raises(ValueError, match="n must be >= 2"):
         mrt_rl_plan(s["engine"], s["tok"], s["prompts"], s["answers"], grader=parity_grader, params=s["params"],
-                    termination_ids=s["term"], n=1, old_traces=s["traces"])
+                    meta_params=s["params"], termination_ids=s["term"], n=1, k=2, old_traces=s["traces"])
     with pytest.raises(ValueError, match="alpha"):
         mrt_rl_plan(s["engine"], s["tok"], s["prompts"], s["answers"], grader=parity_grader, params=s["params"],
-                    termination_ids=s["term"], n=2, alpha=float("nan"), old_traces=s["traces"])
+                    meta_params=s["params"], termination_ids=s["term"], n=2, k=2, alpha=float("nan"),
+                    old_traces=s["traces"])
+    with pytest.raises(ValueError, match="progress must be one of"):
+        mrt_rl_plan(s["engine"], s["tok"], s["prompts"], s["answers"], grader=parity_grader, params=s["params"],
+                    meta_params=s["params"], termination_ids=s["term"], n=2, k=2, progress="rescale",
+                    old_traces=s["traces"])
+
+
+def test_mrt_rl_continuations_share_the_response_budget_with_their_prefix(setup):
+    """Prefix + continuation <= params.max_new_tokens: with EOS ignored every continuation runs to
+    its budget, so the longest one ends exactly at max_new_tokens."""
+    s = setup
+    budget = max(len(t) for t in s["traces"]) + 4
+    params = SamplingParams(temperature=1.0, max_new_tokens=budget, seed=2, ignore_eos=True)
+    plan = mrt_rl_plan(s["engine"], s["tok"], s["prompts"], s["answers"], grader=parity_grader, params=params,
+                       meta_params=s["params"], termination_ids=s["term"], n=2, k=1, alpha=0.0, cut="every",
+                       old_traces=s["traces"])
+    totals = [b + len(g.continuations[1]) for g, (_, _, b) in zip(plan.groups, plan.details["cuts"])]
+    assert max(totals) == budget and all(t == budget for t in totals)
+    assert any(b > 0 for _, _, b in plan.details["cuts"])  # cuts inside the trace were tested too
+    assert plan.metrics["mrt/total_length/mean"] == budget
+
+
+def test_mrt_rl_branches_never_replay_the_old_trace(setup):
+    """A cut after 0 episodes forks from the prompt the old trace was sampled from: with the same seed
+    and sample index, continuation #0 must still be a new sample."""
+    s = setup
+    plan = mrt_rl_plan(s["engine"], s["tok"], s["prompts"], s["answers"], grader=parity_grader, params=s["params"],
+                       meta_params=s["params"], termination_ids=s["term"], n=4, k=1, alpha=0.0, cut="every",
+                       train_terminate=False)
+    old = plan.details["old_traces"]
+    for g, (i, j, b) in zip(plan.groups, plan.details["cuts"]):
+        assert all(old[i][b:] != cont for cont in g.continuations)
 
 
 def test_mrt_online_plan_per_episode_advantages(setup):
@@ -180,9 +249,8 @@ def test_mrt_star_plan_cuts_after_the_best_episode(setup):
         return grade(response, answer, kind="exact") or parity_grader(response, answer)
 
     responses = [[t] for t in s["traces"]]
-    # No seed: fresh random streams per boundary (a seed gives common random numbers across boundaries,
-    # which a random model turns into the same J everywhere).
-    meta_params = SamplingParams(temperature=1.0, max_new_tokens=10)
+    # Seeded: every boundary's context names its own random streams, so J differs between boundaries.
+    meta_params = SamplingParams(temperature=1.0, max_new_tokens=10, seed=4)
     examples, metrics = mrt_star_plan(s["engine"], s["tok"], s["prompts"], s["answers"], grader=grader,
                                       params=s["params"], meta_params=meta_params, termination_ids=s["term"],
                                       n=1, k=4, responses=responses)
@@ -195,7 +263,8 @@ def test_mrt_star_plan_cuts_after_the_best_episode(setup):
         cut = episode_trace(s["tok"], s["traces"][ex.problem]).meta_boundaries()[best]
         assert ex.response_ids[:cut] == s["traces"][ex.problem][:cut]
         assert ex.response_ids[cut:cut + T] == s["term"]
-        assert ex.loss_mask == [1.0] * cut + [0.0] * T + [1.0] * (len(ex.response_ids) - cut - T)
+        assert ex.loss_mask == [1.0] * len(ex.response_ids)  # the stop at the cut is trained too
+        assert ex.cut_tokens == cut
         assert grader(text_of(s["tok"], ex.response_ids[cut + T:]), s["answers"][ex.problem])
         g = ex.to_prefix_group()
         assert g.prefix == s["prompts"][ex.problem] and g.continuations == [ex.response_ids]
@@ -210,7 +279,8 @@ def test_plan_advantages_feed_the_fused_loss(setup):
     s = setup
     model = s["model"]
     rl = mrt_rl_plan(s["engine"], s["tok"], s["prompts"], s["answers"], grader=parity_grader, params=s["params"],
-                     termination_ids=s["term"], n=2, alpha=1.0, old_traces=s["traces"], rng=random.Random(1))
+                     meta_params=s["params"], termination_ids=s["term"], n=2, k=2, alpha=1.0,
+                     old_traces=s["traces"], rng=random.Random(1))
     online = mrt_online_plan(s["engine"], s["tok"], s["prompts"], s["answers"], grader=parity_grader,
                              params=s["params"], meta_params=s["params"], termination_ids=s["term"], n=1, k=2,
                              responses=[[t] for t in s["traces"]])

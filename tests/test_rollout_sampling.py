@@ -127,3 +127,51 @@ def test_earliest_stop_string_wins():
     stops = StopStrings(object(), ["BB", "A"])
     assert stops.cut("xxBBxA") == ("xx", "BB")
     assert stops.cut("no stop") == ("no stop", None)
+
+
+@pytest.fixture(scope="module")
+def uniform_engine():
+    """An engine whose model puts equal mass on every token whatever the context (a zero LM head), so
+    its samples are a pure function of its random streams."""
+    from mrt_fast.rollout import HFEngine
+    from mrt_fast.rollout.testing import tiny_causal_lm
+
+    model = tiny_causal_lm(vocab_size=64)
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+    return HFEngine(model)
+
+
+def test_different_contexts_draw_independent_streams(uniform_engine):
+    params = SamplingParams(temperature=1.0, max_new_tokens=12, seed=3, ignore_eos=True)
+    a, b = uniform_engine.generate([[5, 6, 7], [5, 6, 8]], params, n=2)
+    # sample 0 of two different prompts with one seed: different uniforms, so different tokens
+    assert a[0].token_ids != b[0].token_ids and a[1].token_ids != b[1].token_ids
+    assert a[0].token_ids != a[1].token_ids
+    # the same prompt twice in one call: two independent samples, not a copy
+    c, d = uniform_engine.generate([[5, 6, 7], [5, 6, 7]], params, n=1)
+    assert c[0].token_ids != d[0].token_ids
+    # a branch forked from a cut of a trace does not reuse the trace's uniforms
+    (trace,) = uniform_engine.generate([[9, 9]], params, n=1)[0]
+    (branch,) = uniform_engine.fork([[9, 9] + trace.token_ids[:4]], params, n=1)[0]
+    assert branch.token_ids[:8] != trace.token_ids[:8]
+
+
+def test_same_seed_same_samples_whatever_the_batch(uniform_engine):
+    params = SamplingParams(temperature=1.0, max_new_tokens=12, seed=3, ignore_eos=True)
+    alone = uniform_engine.generate([[5, 6, 7]], params, n=2)[0]
+    batched = uniform_engine.generate([[1, 2], [5, 6, 7]], params, n=2)[1]
+    assert [c.token_ids for c in alone] == [c.token_ids for c in batched]
+    again = uniform_engine.generate([[5, 6, 7]], params, n=2)[0]
+    assert [c.token_ids for c in alone] == [c.token_ids for c in again]
+    other_seed = uniform_engine.generate([[5, 6, 7]], SamplingParams(temperature=1.0, max_new_tokens=12, seed=4,
+                                                                     ignore_eos=True), n=2)[0]
+    assert [c.token_ids for c in alone] != [c.token_ids for c in other_seed]
+
+
+def test_fork_caps_each_prefix_below_max_new_tokens(uniform_engine):
+    params = SamplingParams(temperature=1.0, max_new_tokens=12, seed=3, ignore_eos=True)
+    out = uniform_engine.fork([[5, 6, 7], [1, 2]], params, n=2, max_new_tokens=[3, 20])
+    assert [len(c.token_ids) for c in out[0]] == [3, 3] and [len(c.token_ids) for c in out[1]] == [12, 12]
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        uniform_engine.fork([[5, 6, 7]], params, n=1, max_new_tokens=[3, 4])

@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--meta-max-new-tokens", type=int, default=32)
     p.add_argument("--regret-samples", type=int, default=1, help="traces per problem measured at every boundary")
     p.add_argument("--budgets", type=_int_list, default=None, help="token budgets for normalised regret")
+    p.add_argument("--regret-tokens", choices=("authors", "response"), default="authors",
+                   help="regret x-axis: authors (meta-prover input + mean forced-answer length, as the authors' "
+                        "regret.ipynb) or response (response tokens before each boundary)")
     p.add_argument("--forcing-budget", type=int, default=0, help="budget forcing up to this many tokens (0: off)")
     p.add_argument("--forcing-step", type=int, default=64)
     p.add_argument("--episode-min-gap", type=int, default=DEFAULT_MIN_GAP, help="paragraphs a cue must be past the previous cut")
@@ -275,7 +278,7 @@ def run(args: argparse.Namespace) -> dict:
         ),
         n=args.n, ks=ks, meta_k=args.meta_k, regret_samples=args.regret_samples, budgets=budgets,
         forcing_budget=args.forcing_budget, forcing_step=args.forcing_step, batch_size=args.batch_size,
-        splitter=make_splitter(min_gap=args.episode_min_gap, max_episodes=args.episode_max_episodes,
+        regret_tokens=args.regret_tokens, splitter=make_splitter(min_gap=args.episode_min_gap, max_episodes=args.episode_max_episodes,
                                group_size=args.episode_group_size),
     )
 

@@ -65,6 +65,8 @@ def _check_curve(tokens: Sequence[float], values: Sequence[float]) -> tuple[list
         raise ValueError(f"tokens ({len(xs)}) and pass_at_1 ({len(ys)}) must have the same length")
     if not all(math.isfinite(v) for v in xs + ys):
         raise ValueError("tokens and pass_at_1 must be finite")
+    if not all(0.0 <= v <= 1.0 for v in ys):
+        raise ValueError(f"pass_at_1 holds probabilities: every value must lie in [0, 1], got {ys}")
     if xs and xs[0] < 0:
         raise ValueError(f"tokens must be >= 0, got {xs[0]}")
     if any(b < a for a, b in zip(xs, xs[1:])):

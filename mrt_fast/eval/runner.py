@@ -7,7 +7,10 @@
 - regret: the meta-prover's pass@1 ``J`` at every episode boundary of the first
   ``regret_samples`` traces of each problem, giving per-trace curves ``(tokens spent, J)``; the
   normalised regret of each curve at every budget (:func:`mrt_fast.eval.normalized_regret`),
-  averaged; and the mean curve on a token grid for plots;
+  averaged; and the mean curve on a token grid for plots. ``regret_tokens`` chooses the x-axis:
+  ``"authors"`` (default, as the authors' ``analysis/code/regret.ipynb``) places boundary ``j`` at
+  the length of the meta-prover's whole input (prompt + thinking prefix + termination text) plus
+  the mean length of its forced answers; ``"response"`` at the response tokens before the boundary;
 - budget forcing (``forcing_budget > 0``): the same traces continued past their end by suppressing
   ``</think>`` (generation stops at it, the text before it is kept) and appending ``"Wait"``, in
   steps of ``forcing_step`` tokens until ``forcing_budget`` response tokens, with ``J`` measured
@@ -25,6 +28,7 @@ from mrt_fast.mrt.episodes import episode_trace
 from mrt_fast.mrt.progress import Grader, check_k, run_meta_prover
 
 FORCING_CUE = "Wait"
+REGRET_TOKENS = ("authors", "response")
 
 
 @dataclass
@@ -43,8 +47,11 @@ class EvalSettings:
     grid_points: int = 65
     batch_size: int = 8
     splitter: Any = None  # episode splitter (default: mrt_fast.mrt.episodes.split_episodes)
+    regret_tokens: str = "authors"  # x-axis of the regret curves, see the module docstring
 
     def __post_init__(self) -> None:
+        if self.regret_tokens not in REGRET_TOKENS:
+            raise ValueError(f"regret_tokens must be one of {REGRET_TOKENS}, got {self.regret_tokens!r}")
         check_k(self.n, "n")
         check_k(self.meta_k, "meta_k")
         check_k(self.regret_samples, "regret_samples")
@@ -68,7 +75,7 @@ class Curve:
     """One trace's regret curve: tokens spent up to each measurement and ``J`` there."""
 
     problem: int
-    tokens: list[int]
+    tokens: list[float]
     J: list[float]
     forced_from: int  # index of the first budget-forcing point (== len(tokens) when none)
 
@@ -188,17 +195,37 @@ def evaluate(
             [b for _, _, b, _ in meta_inputs], answers=[answers[i] for i, *_ in meta_inputs], grader=grader,
             termination_ids=termination_ids, k=s.meta_k, params=s.meta_params,
         )
-        for (i, _, bounds, own), J in zip(meta_inputs, meta.J):
+        for (i, _, bounds, own), J, answers_at in zip(meta_inputs, meta.J, meta.completions):
+            xs = _regret_tokens(s.regret_tokens, len(prompts[i]), bounds, len(termination_ids), answers_at)
             if own is not None:
-                curves.append(Curve(i, list(bounds), list(J), own))
+                curves.append(Curve(i, xs, list(J), own))
             else:  # a budget-forcing point extends the latest curve of this problem
-                curves[-1].tokens += bounds
+                curves[-1].tokens = _non_decreasing(curves[-1].tokens + xs)
                 curves[-1].J += J
         if bar is not None:
             bar.update(len(batch))
     if bar is not None:
         bar.close()
     return _summarise(per_problem, curves, s)
+
+
+def _regret_tokens(convention: str, prompt_len: int, bounds: list[int], termination_len: int,
+                   answers_at: list[list[Any]]) -> list[float]:
+    """Tokens spent up to each boundary: the response tokens before it (``"response"``), or the
+    meta-prover's whole input there plus its mean forced-answer length (``"authors"``), made
+    non-decreasing (a boundary whose answers are shorter than the previous one's stays at its x)."""
+    if convention == "response":
+        return [float(b) for b in bounds]
+    xs = [prompt_len + b + termination_len + sum(len(c.token_ids) for c in answers) / len(answers)
+          for b, answers in zip(bounds, answers_at)]
+    return _non_decreasing(xs)
+
+
+def _non_decreasing(xs: list[float]) -> list[float]:
+    out: list[float] = []
+    for x in xs:
+        out.append(max(x, out[-1]) if out else x)
+    return out
 
 
 def _summarise(per_problem: list[dict], curves: list[Curve], s: EvalSettings) -> dict:

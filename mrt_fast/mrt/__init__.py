@@ -8,9 +8,10 @@
 
 from mrt_fast.mrt.advantages import (
     group_baseline,
+    group_std_scale,
     mrt_rewards,
     per_episode_dense,
-    progress_rewards,
+    termination_advantages,
     termination_baseline,
 )
 from mrt_fast.mrt.episodes import (
@@ -52,13 +53,14 @@ __all__ = [
     "termination_token_ids",
     "estimate_J",
     "group_baseline",
+    "group_std_scale",
     "mrt_rewards",
     "per_episode_dense",
     "progress_from_J",
-    "progress_rewards",
     "response_episodes",
     "run_meta_prover",
     "split_episodes",
+    "termination_advantages",
     "termination_baseline",
     "thinking_span",
     "token_episode_ids",

@@ -1,4 +1,4 @@
-"""Rewards and the three advantage forms MRT trains with.
+"""Rewards and the advantage forms MRT trains with.
 
 All functions take and return fp32 tensors (or anything ``torch.as_tensor`` accepts) and are plain
 PyTorch, so they serve the plans and the tests alike. Shapes follow the fused loss
@@ -8,10 +8,14 @@ per-episode advantages ``[E]`` with ``episode_ids``.
 - ``R = outcome + alpha * progress`` (:func:`mrt_rewards`).
 - Group baseline (GRPO): ``A = R - mean_group(R)``, optionally divided by the group's (unbiased, as
   TRL and verl compute it) standard deviation plus ``eps`` (:func:`group_baseline`).
-- Termination baseline (MRT-RL): ``A = R - mean(R of the terminate-now branch)`` within a group, so a
-  continuation is rewarded by what it gains over stopping at the prefix (:func:`termination_baseline`).
-- Per-episode dense (MRT-online): each episode's tokens get ``A_seq + alpha * progress_episode``
-  (:func:`per_episode_dense`).
+- Termination baseline (MRT-RL, the authors' ``A = R - R_termination``): ``A = r - J(c)`` plus
+  ``alpha`` times the progress the meta-prover measured (:func:`termination_advantages`);
+  :func:`termination_baseline` forms the same baseline from terminate-now rewards in the group.
+- Per-episode dense (MRT-online, MRT-RL's dense option): each episode's tokens get
+  ``A_seq + alpha * progress_episode`` (:func:`per_episode_dense`).
+- The same optional standard-deviation scaling for all of them (:func:`group_std_scale`).
+
+Group and sequence ids are renumbered internally, so any non-negative integers work as names.
 """
 
 from __future__ import annotations
@@ -24,12 +28,12 @@ import torch
 TensorLike = torch.Tensor | Sequence[float]
 
 
-def check_alpha(alpha: float) -> float:
-    """``alpha`` must be a finite real number (NaN or inf would poison every advantage)."""
+def check_alpha(alpha: float, name: str = "alpha") -> float:
+    """A weight such as ``alpha`` must be a finite real number (NaN or inf would poison every advantage)."""
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-        raise TypeError(f"alpha must be a float, got {type(alpha).__name__}")
+        raise TypeError(f"{name} must be a float, got {type(alpha).__name__}")
     if not math.isfinite(alpha):
-        raise ValueError(f"alpha must be finite, got {alpha}")
+        raise ValueError(f"{name} must be finite, got {alpha}")
     return float(alpha)
 
 
@@ -42,15 +46,45 @@ def _as_vector(name: str, values: TensorLike) -> torch.Tensor:
     return t
 
 
+def _as_index_vector(name: str, values: TensorLike, n: int | None = None) -> torch.Tensor:
+    """Non-negative integer ids as int64: floats must be integral (never truncated), bools are refused."""
+    t = torch.as_tensor(values)
+    if t.dim() != 1 or (n is not None and t.numel() != n):
+        want = f" with {n} entries" if n is not None else ""
+        raise ValueError(f"{name} must be 1-D{want}, got shape {tuple(t.shape)}")
+    if t.dtype == torch.bool:
+        raise TypeError(f"{name} must be integers, got booleans")
+    if t.dtype.is_floating_point:
+        if not torch.isfinite(t).all() or not torch.equal(t, t.round()):
+            raise ValueError(f"{name} must be integers, got non-integral values {t.tolist()}")
+    elif t.dtype.is_complex:
+        raise TypeError(f"{name} must be integers, got {t.dtype}")
+    t = t.long()
+    if t.numel() and t.min() < 0:
+        raise ValueError(f"{name} must be >= 0, got {t.tolist()}")
+    return t
+
+
 def _as_group_ids(group_ids: TensorLike, n: int) -> torch.Tensor:
-    g = torch.as_tensor(group_ids)
-    if g.dim() != 1 or g.numel() != n:
-        raise ValueError(f"group_ids must be 1-D with {n} entries (one per reward), got shape {tuple(g.shape)}")
-    if g.dtype.is_floating_point or g.dtype == torch.bool:
-        raise TypeError(f"group_ids must be integers, got {g.dtype}")
-    if n and g.min() < 0:
-        raise ValueError("group_ids must be >= 0")
-    return g.long()
+    """Group ids renumbered to ``0..G-1`` (so a huge id costs nothing)."""
+    g = _as_index_vector("group_ids", group_ids, n)
+    return torch.unique(g, return_inverse=True)[1] if g.numel() else g
+
+
+def _as_flags(name: str, values: TensorLike, n: int) -> torch.Tensor:
+    """Booleans, or numbers that are exactly 0 or 1."""
+    t = torch.as_tensor(values)
+    if t.shape != (n,):
+        raise ValueError(f"{name} must have shape ({n},), got {tuple(t.shape)}")
+    if t.dtype != torch.bool and not ((t == 0) | (t == 1)).all():
+        raise ValueError(f"{name} must hold booleans (or 0/1), got {t.tolist()}")
+    return t.bool()
+
+
+def _check_eps(eps: float) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
+        raise ValueError(f"eps must be a positive finite float when normalize_std is on, got {eps!r}")
+    return float(eps)
 
 
 def mrt_rewards(outcome: TensorLike, progress: TensorLike, alpha: float) -> torch.Tensor:
@@ -70,24 +104,44 @@ def _group_mean(values: torch.Tensor, group_ids: torch.Tensor, weight: torch.Ten
     return sums / counts, counts
 
 
+def group_std_scale(rewards: TensorLike, group_ids: TensorLike, eps: float = 1e-6) -> torch.Tensor:
+    """Per-entry divisor for standard-deviation normalisation: ``std_group(R) + eps``.
+
+    The standard deviation is the unbiased one (TRL, verl). A group whose rewards do not spread
+    (all equal, or a single sample) gets divisor 1: its advantages are left as they are (for a
+    group baseline they are 0 anyway; under the termination baseline they need not be, and dividing
+    them by ``eps`` would blow them up).
+    """
+    eps = _check_eps(eps)
+    r = _as_vector("rewards", rewards)
+    g = _as_group_ids(group_ids, r.numel())
+    if r.numel() == 0:
+        return r
+    ones = torch.ones_like(r)
+    mean, counts = _group_mean(r, g, ones)
+    sq, _ = _group_mean((r - mean[g]).square(), g, ones)
+    std = (sq * counts / (counts - 1).clamp(min=1)).sqrt()
+    return torch.where(std > 0, std + eps, torch.ones_like(std))[g]
+
+
 def group_baseline(
     rewards: TensorLike, group_ids: TensorLike, *, normalize_std: bool = False, eps: float = 1e-6
 ) -> torch.Tensor:
     """GRPO advantages: ``R - mean`` within each group (optionally ``/ (std + eps)``).
 
     ``group_ids[i]`` names the group (problem) of ``rewards[i]``. The standard deviation is the
-    unbiased one (TRL, verl); a group of one sample has no spread and gets advantage 0.
+    unbiased one (TRL, verl); a group without spread has advantage 0.
     """
+    if normalize_std:
+        _check_eps(eps)
     r = _as_vector("rewards", rewards)
     g = _as_group_ids(group_ids, r.numel())
     if r.numel() == 0:
         return r
-    mean, counts = _group_mean(r, g, torch.ones_like(r))
+    mean, _ = _group_mean(r, g, torch.ones_like(r))
     adv = r - mean[g]
     if normalize_std:
-        sq, _ = _group_mean(adv.square(), g, torch.ones_like(r))
-        var = sq * counts / (counts - 1).clamp(min=1)
-        adv = adv / (var.sqrt()[g] + eps)
+        adv = adv / group_std_scale(r, g, eps)
     return adv
 
 
@@ -99,9 +153,7 @@ def termination_baseline(rewards: TensorLike, group_ids: TensorLike, is_terminat
     """
     r = _as_vector("rewards", rewards)
     g = _as_group_ids(group_ids, r.numel())
-    term = torch.as_tensor(is_terminate, dtype=torch.bool)
-    if term.shape != r.shape:
-        raise ValueError(f"is_terminate must have shape {tuple(r.shape)}, got {tuple(term.shape)}")
+    term = _as_flags("is_terminate", is_terminate, r.numel())
     if r.numel() == 0:
         return r
     mean, counts = _group_mean(r, g, term.float())
@@ -112,24 +164,24 @@ def termination_baseline(rewards: TensorLike, group_ids: TensorLike, is_terminat
     return r - mean[g]
 
 
-def progress_rewards(
-    outcome: TensorLike, prefix_J: TensorLike, is_terminate: TensorLike, alpha: float
+def termination_advantages(
+    outcome: TensorLike, prefix_J: TensorLike, progress: TensorLike, alpha: float
 ) -> torch.Tensor:
-    """MRT-RL rewards ``R = r + alpha * progress`` for continuations of a prefix with value ``J(c)``.
+    """MRT-RL advantages ``A = (r - J(c)) + alpha * progress`` of continuations of prefixes ``c``.
 
-    A continue-thinking continuation adds thinking after the prefix and ends in an answer graded
-    ``r``; its progress is ``r - J(c)`` (the gain over answering at the prefix). A terminate-now
-    continuation adds no thinking: progress 0.
+    ``r`` is each continuation's 0/1 outcome, ``prefix_J`` the meta-prover's estimate of its
+    prefix's value (the authors' termination reward, ``A = R - R_termination``) and ``progress``
+    what the meta-prover measured the continuation's own thinking to add: ``J(c + thinking) - J(c)``
+    (0 for a terminate-now continuation). Progress is measured, never derived from ``r``: with
+    ``alpha = 0`` this is exactly the outcome form ``r - J(c)``.
     """
+    alpha = check_alpha(alpha)
     o = _as_vector("outcome", outcome)
     j = _as_vector("prefix_J", prefix_J)
-    term = torch.as_tensor(is_terminate, dtype=torch.bool)
-    if not (o.shape == j.shape == term.shape):
-        raise ValueError(
-            f"outcome {tuple(o.shape)}, prefix_J {tuple(j.shape)} and is_terminate {tuple(term.shape)} must match"
-        )
-    progress = torch.where(term, torch.zeros_like(o), o - j)
-    return mrt_rewards(o, progress, alpha)
+    p = _as_vector("progress", progress)
+    if not (o.shape == j.shape == p.shape):
+        raise ValueError(f"outcome {tuple(o.shape)}, prefix_J {tuple(j.shape)} and progress {tuple(p.shape)} must match")
+    return (o - j) + alpha * p
 
 
 def per_episode_dense(
@@ -144,9 +196,7 @@ def per_episode_dense(
     alpha = check_alpha(alpha)
     a = _as_vector("sequence_advantages", sequence_advantages)
     p = _as_vector("episode_progress", episode_progress)
-    s = torch.as_tensor(episode_seq)
-    if s.shape != p.shape:
-        raise ValueError(f"episode_seq {tuple(s.shape)} must match episode_progress {tuple(p.shape)}")
-    if s.numel() and (s.min() < 0 or s.max() >= a.numel()):
+    s = _as_index_vector("episode_seq", episode_seq, p.numel())
+    if s.numel() and s.max() >= a.numel():
         raise ValueError(f"episode_seq must index into {a.numel()} sequences, got {s.tolist()}")
-    return a[s.long()] + alpha * p
+    return a[s] + alpha * p

@@ -73,6 +73,8 @@ def split_episodes(
         raise TypeError(f"text must be a str, got {type(text).__name__}")
     if isinstance(cues, str):
         raise TypeError("cues must be a sequence of strings, not a single string")
+    if not isinstance(cues, (list, tuple)):
+        raise TypeError(f"cues must be a list or tuple of strings, got {type(cues).__name__}")
     cues = tuple(cues)
     if not all(isinstance(c, str) and c for c in cues):
         raise ValueError(f"cues must be non-empty strings, got {cues!r}")

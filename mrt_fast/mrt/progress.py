@@ -120,4 +120,6 @@ def progress_from_J(J: Sequence[float] | torch.Tensor) -> torch.Tensor:
     j = torch.as_tensor(J, dtype=torch.float32)
     if j.dim() != 1 or j.numel() < 1:
         raise ValueError(f"J must be 1-D with at least one value (the empty prefix), got shape {tuple(j.shape)}")
+    if not ((j >= 0) & (j <= 1)).all():  # also catches NaN
+        raise ValueError(f"J holds probabilities: every value must lie in [0, 1], got {j.tolist()}")
     return j[1:] - j[:-1]

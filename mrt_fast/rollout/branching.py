@@ -9,7 +9,9 @@ boundaries x k x answer tokens, not boundaries x k x (prefix + answer) tokens.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
+from dataclasses import replace
 
 from .params import Completion, SamplingParams
 from .protocol import RolloutEngine, check_n, check_token_lists
@@ -73,8 +75,8 @@ def branch_at_boundaries(
 
     The embedded HF engine prefills each trace once and cuts its cache at each boundary. Other
     engines get one `fork` call over all contexts (vLLM shares the KV through automatic prefix
-    caching). With `params.seed` set, answer j at every boundary uses the same random stream
-    (common random numbers: differences of J between boundaries carry less sampling noise).
+    caching). The embedded engine names each answer's random stream by its context, so the
+    answers at different boundaries (and of different traces) are independent samples.
     """
     own = getattr(engine, "branch_at_boundaries", None)
     if callable(own):
@@ -87,3 +89,31 @@ def branch_at_boundaries(
         return [[] for _ in traces]
     answers = iter(engine.fork(contexts, params, k))
     return [[next(answers) for _ in bounds] for bounds in boundaries]
+
+
+def fork_within_budget(
+    engine: RolloutEngine,
+    prefixes: list[list[int]],
+    params: SamplingParams,
+    n: int,
+    budgets: list[int],
+) -> list[list[Completion]]:
+    """`n` branches per prefix, prefix i's branches generating at most `budgets[i]` tokens.
+
+    Used where a prefix is itself part of a response (an MRT-RL cut of a trace): the branch gets
+    what is left of the response budget. Engines whose `fork` takes per-prefix caps (the embedded
+    one) decode everything in one call; others get one `fork` call per distinct budget.
+    """
+    if len(budgets) != len(prefixes):
+        raise ValueError(f"budgets ({len(budgets)}) must hold one budget per prefix ({len(prefixes)})")
+    for b in budgets:
+        check_n(b, "budgets[i]")
+    if "max_new_tokens" in inspect.signature(engine.fork).parameters:
+        return engine.fork(prefixes, params, n, max_new_tokens=list(budgets))
+    out: list[list[Completion] | None] = [None] * len(prefixes)
+    for budget in sorted(set(budgets)):
+        idx = [i for i, b in enumerate(budgets) if b == budget]
+        capped = replace(params, max_new_tokens=min(params.max_new_tokens, budget))
+        for i, samples in zip(idx, engine.fork([prefixes[i] for i in idx], capped, n)):
+            out[i] = samples
+    return out  # type: ignore[return-value]

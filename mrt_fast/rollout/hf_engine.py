@@ -30,7 +30,7 @@ from .branching import check_branch_inputs
 from .kv_cache import KVRows
 from .params import Completion, SamplingParams
 from .protocol import check_n, check_params, check_token_lists
-from .sampling import sample_next, uniform_streams
+from .sampling import context_keys, sample_next, uniform_streams
 from .shared_prefix import SharedPrefixRows, decoding_with_shared_prefix, supports_shared_prefix
 from .stopping import StopStrings
 
@@ -147,15 +147,21 @@ class HFEngine:
         prompts = check_token_lists(prompts, "prompts", vocab_size=self.vocab_size, max_len=self.max_context_len)
         return self._fork_tokens(prompts, params, check_n(n))
 
-    def fork(self, prefixes: list[list[int]] | PrefixCache, params: SamplingParams, n: int) -> list[list[Completion]]:
+    def fork(self, prefixes: list[list[int]] | PrefixCache, params: SamplingParams, n: int, *,
+             max_new_tokens: list[int] | None = None) -> list[list[Completion]]:
         """`n` branches per prefix, [prefix][branch]; each prefix's KV is computed once and
         shared by its branches (shared-prefix attention, or one copy per branch when that is
-        off). `prefixes` may be a `PrefixCache` from `prefill` to reuse a prefill across calls."""
+        off). `prefixes` may be a `PrefixCache` from `prefill` to reuse a prefill across calls.
+
+        `max_new_tokens[i]`, when given, caps prefix i's branches below `params.max_new_tokens`
+        (e.g. what is left of a response budget after a prefix that is itself part of the response).
+        """
         n = check_n(n)
         if isinstance(prefixes, PrefixCache):
-            return self._fork_cached(prefixes, params, n)
+            caps = self._check_caps(max_new_tokens, len(prefixes.token_ids))
+            return self._fork_cached(prefixes, params, n, caps)
         prefixes = check_token_lists(prefixes, "prefixes", vocab_size=self.vocab_size, max_len=self.max_context_len)
-        return self._fork_tokens(prefixes, params, n)
+        return self._fork_tokens(prefixes, params, n, self._check_caps(max_new_tokens, len(prefixes)))
 
     def prefill(self, prefixes: list[list[int]]) -> PrefixCache:
         """Compute the KV cache of `prefixes` once, for several later `fork` calls."""
@@ -189,6 +195,8 @@ class HFEngine:
             for t, (trace, bounds) in enumerate(zip(traces, boundaries))
             for i, b in enumerate(bounds)
         ]
+        contexts = [traces[job.trace][: job.cached] + job.suffix for job in jobs]
+        keys = dict(zip([(job.trace, job.index) for job in jobs], context_keys(contexts)))
         rows_per_batch = max(1, self.max_batch_size // k)
         # KV per boundary, at most: its trace's prefill, its context (+ suffix) and k decode rows.
         context_cap = max((len(t) for t in traces), default=0) + len(termination_ids) + 1
@@ -210,7 +218,7 @@ class HFEngine:
                                             reserve=max(len(job.suffix) for job in chunk))
                     logits = self._extend(kv, [job.suffix for job in chunk])
                     branches = [
-                        _Branch(row, self._stream(params, base, (job.trace, job.index), s),
+                        _Branch(row, self._stream(base, keys[(job.trace, job.index)], s),
                                 job.context_len, self._budget(params, job.context_len))
                         for row, job in enumerate(chunk)
                         for s in range(k)
@@ -289,15 +297,28 @@ class HFEngine:
         return int(torch.randint(0, 2**62, (1,)).item())  # torch.manual_seed makes this reproducible
 
     @staticmethod
-    def _stream(params: SamplingParams, base: int, row: tuple[int, ...], sample: int) -> tuple[int, ...]:
-        """Names a branch's random stream: (seed, sample) when seeded, so sample j of every
-        prompt/boundary shares a stream (as vLLM seeds each request alike); otherwise unique per row."""
-        return (base, sample) if params.seed is not None else (base, *row, sample)
+    def _stream(base: int, context: tuple[int, int], sample: int) -> tuple[int, ...]:
+        """Names a branch's random stream: (seed, context hash, occurrence of that context in the
+        call, sample). Different contexts never share a stream, so sample j of two prompts, or a
+        branch and the trace it was cut from, draw independent uniforms; the same seed and context
+        give the same samples whatever else is in the batch."""
+        return (base, *context, sample)
 
-    def _budget(self, params: SamplingParams, context_len: int) -> int:
+    @staticmethod
+    def _check_caps(caps: list[int] | None, count: int) -> list[int | None]:
+        if caps is None:
+            return [None] * count
+        if isinstance(caps, (str, bytes)) or not hasattr(caps, "__len__") or len(caps) != count:
+            raise ValueError(f"max_new_tokens must be a list with one cap per prefix ({count}), got {caps!r}")
+        for c in caps:
+            check_n(c, "max_new_tokens[i]")
+        return list(caps)
+
+    def _budget(self, params: SamplingParams, context_len: int, cap: int | None = None) -> int:
+        budget = params.max_new_tokens if cap is None else min(params.max_new_tokens, cap)
         if self.max_context_len is None:
-            return params.max_new_tokens
-        return max(0, min(params.max_new_tokens, self.max_context_len - context_len))
+            return budget
+        return max(0, min(budget, self.max_context_len - context_len))
 
     def _forward(self, kv: KVRows, tokens: torch.Tensor, token_valid: torch.Tensor) -> torch.Tensor:
         """Append a block of tokens [rows, S] (left-padded: the last column is real for every
@@ -338,15 +359,18 @@ class HFEngine:
             return kv, torch.empty(len(prefixes), self.vocab_size, device=self.device)
         return kv, self._extend(kv, prefixes)
 
-    def _fork_tokens(self, prefixes: list[list[int]], params: SamplingParams, n: int) -> list[list[Completion]]:
+    def _fork_tokens(self, prefixes: list[list[int]], params: SamplingParams, n: int,
+                     caps: list[int | None] | None = None) -> list[list[Completion]]:
         check_params(params, vocab_size=self.vocab_size, has_tokenizer=self.tokenizer is not None)
         out: list[list[Completion]] = []
         base = self._base_seed(params)
+        keys = context_keys(prefixes)
+        caps = caps or [None] * len(prefixes)
         with self._sampling_mode():
             for start, end in self._prefill_waves(prefixes, n, params.max_new_tokens):
                 group = prefixes[start:end]
                 kv, logits = self._prefill(group)
-                out.extend(self._fork_rows(kv, logits, group, params, n, base, first_index=start))
+                out.extend(self._fork_rows(kv, logits, group, params, n, base, keys[start:end], caps[start:end]))
         return out
 
     def _prefill_waves(self, prefixes: list[list[int]], n: int, new_tokens: int) -> list[tuple[int, int]]:
@@ -375,16 +399,18 @@ class HFEngine:
             return limit
         return max(1, min(limit, (self.max_kv_tokens - held_tokens) // max(1, row_tokens)))
 
-    def _fork_cached(self, cache: PrefixCache, params: SamplingParams, n: int) -> list[list[Completion]]:
+    def _fork_cached(self, cache: PrefixCache, params: SamplingParams, n: int,
+                     caps: list[int | None]) -> list[list[Completion]]:
         if cache.weights_version != self._weights_version:
             raise ValueError("prefixes: this PrefixCache was computed before update_weights(); call prefill() again")
         check_params(params, vocab_size=self.vocab_size, has_tokenizer=self.tokenizer is not None)
         with self._sampling_mode():
-            return self._fork_rows(cache.kv, cache.last_logits, cache.token_ids, params, n, self._base_seed(params))
+            return self._fork_rows(cache.kv, cache.last_logits, cache.token_ids, params, n, self._base_seed(params),
+                                   context_keys(cache.token_ids), caps)
 
-    def _fork_rows(self, kv, logits, prefixes, params, n, base, first_index=0) -> list[list[Completion]]:
+    def _fork_rows(self, kv, logits, prefixes, params, n, base, keys, caps) -> list[list[Completion]]:
         branches = [
-            _Branch(r, self._stream(params, base, (first_index + r,), s), len(p), self._budget(params, len(p)))
+            _Branch(r, self._stream(base, keys[r], s), len(p), self._budget(params, len(p), caps[r]))
             for r, p in enumerate(prefixes)
             for s in range(n)
         ]

@@ -45,10 +45,11 @@ class SamplingParams:
             span several tokens. The text returned stops before the stop string; `token_ids`
             keep every token up to and including the one that completed it. Needs a tokenizer.
         stop_token_ids: token ids that end a sample (finish reason "stop"); the token is kept.
-        seed: makes sampling reproducible. Sample `j` of every prompt draws from a random
-            stream determined by `(seed, j)` only, so results do not depend on what else is in
-            the batch. None draws a fresh base seed from torch's global generator per call
-            (so `torch.manual_seed` also makes a call reproducible).
+        seed: makes sampling reproducible. Sample `j` of a prompt draws from a random stream
+            named by `(seed, the prompt's token ids, j)` (HF engine), so results do not depend on
+            what else is in the batch and different prompts never share random numbers. None
+            draws a fresh base seed from torch's global generator per call (so
+            `torch.manual_seed` also makes a call reproducible).
         ignore_eos: keep generating after the model's EOS token (benchmarks use this).
         skip_special_tokens: drop special tokens from `Completion.text` and from the text that
             stop strings are matched against (vLLM's default).

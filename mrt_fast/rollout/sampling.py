@@ -4,6 +4,11 @@ Randomness: every sampled row owns a stream of uniforms drawn up front from its 
 `torch.Generator` (on the CPU, so a seed gives the same uniforms on every device). A token is
 drawn by inverting the CDF of the filtered distribution at the row's uniform for that step. One
 uniform per row per step keeps rows independent of the batch they happen to share.
+
+A stream is named by (seed, context identity, occurrence, sample index) (`row_stream_keys`): the
+context identity is a hash of the row's context token ids, so two different prompts (or a trace and
+a branch cut from it) never share uniforms, while the same seed and context give the same samples.
+`occurrence` tells apart equal contexts passed twice in one call.
 """
 
 from __future__ import annotations
@@ -19,6 +24,32 @@ def stream_seed(*key: int) -> int:
     """A well-mixed 63-bit seed for the random stream named by `key` (e.g. (seed, sample))."""
     digest = hashlib.blake2b(repr(key).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def context_hash(token_ids: list[int]) -> int:
+    """A 63-bit identity of a context (its token ids), for naming random streams."""
+    digest = hashlib.blake2b(b",".join(str(t).encode() for t in token_ids), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def context_keys(contexts: list[list[int]]) -> list[tuple[int, int]]:
+    """(context hash, occurrence) per context: equal contexts in one call get occurrences 0, 1, ..."""
+    seen: dict[int, int] = {}
+    keys = []
+    for ctx in contexts:
+        h = context_hash(ctx)
+        keys.append((h, seen.get(h, 0)))
+        seen[h] = seen.get(h, 0) + 1
+    return keys
+
+
+def derive_seed(seed: int | None, *salt: int | str) -> int | None:
+    """A seed for a distinct purpose derived from `seed` (None stays None: fresh randomness).
+
+    Used where two samplings from the same context must not share a stream, e.g. an old trace and
+    the continuations forked at its empty prefix.
+    """
+    return None if seed is None else stream_seed(seed, *salt)
 
 
 def uniform_streams(keys: list[tuple[int, ...]], length: int, device: torch.device) -> torch.Tensor:

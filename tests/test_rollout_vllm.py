@@ -11,6 +11,7 @@ import torch
 from mrt_fast.data.tokenizer import ASSETS_DIR, load_tokenizer
 from mrt_fast.rollout import HFEngine, SamplingParams, make_engine
 from mrt_fast.rollout.testing import tiny_causal_lm, tiny_tokenizer, torch_threads
+from mrt_fast.train import weights_digest
 from mrt_fast.rollout.vllm_engine import SUPPORTED_VLLM, _as_value_error, check_vllm_version
 
 MAX_POS = 64
@@ -91,16 +92,16 @@ def test_greedy_with_n_branches_returns_n_identical_completions(tied_path, token
 def test_weight_sync_of_a_tied_embedding_model_loads_everything_in_one_call(tied_path, tokenizer):
     engine = _engine(tied_path, tokenizer)
     params = SamplingParams(temperature=0.0, max_new_tokens=8, ignore_eos=True)
-    before, digest = engine.generate([PROMPT], params)[0][0], engine.weights_digest()
+    before, digest = engine.generate([PROMPT], params)[0][0], engine.apply_model(weights_digest)[0]
     new = _tied_lm(7)
     engine.update_weights(new)  # a module, as the trainer's state dict: both names, one tensor
     after, expected = engine.generate([PROMPT], params)[0][0], HFEngine(new).generate([PROMPT], params)[0][0]
     assert after.token_ids == expected.token_ids
     assert after.logprobs == pytest.approx(expected.logprobs, abs=1e-5)
     assert after.logprobs != pytest.approx(before.logprobs, abs=1e-3)
-    assert engine.weights_digest() != digest  # the digest follows the engine's weights
+    assert engine.apply_model(weights_digest)[0] != digest  # the digest follows the engine's weights
     engine.update_weights(_tied_lm(0).state_dict())
-    assert engine.weights_digest() == digest
+    assert engine.apply_model(weights_digest)[0] == digest
     assert engine.generate([PROMPT], params)[0][0].logprobs == before.logprobs
 
 

@@ -218,9 +218,9 @@ class VLLMEngine:
                 "old weights could be reused"
             )
 
-    def weights_digest(self) -> str:
-        """SHA-256 of the weights the engine samples from (for cross-rank consistency checks)."""
-        return self.llm.apply_model(_module_digest)[0]
+    def apply_model(self, func: Any) -> list:
+        """`func(model)` on the model each vLLM worker samples from (e.g. a weights digest)."""
+        return self.llm.apply_model(func)
 
     def sleep(self, level: int = 1) -> None:
         """Free the GPU for training (level 1 keeps weights in CPU memory, level 2 drops them)."""
@@ -359,16 +359,6 @@ def _full(tensor: torch.Tensor) -> torch.Tensor:
     if hasattr(tensor, "full_tensor"):  # FSDP2 DTensor: gather the shards
         tensor = tensor.full_tensor()
     return tensor
-
-
-def _module_digest(model: torch.nn.Module) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def _engine_arg_exists(name: str) -> bool:

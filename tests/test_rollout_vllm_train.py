@@ -1,0 +1,61 @@
+"""The trainer with `rollout.engine: vllm`, over the fake `vllm` of tests/fake_vllm: the embedded
+model (tied embeddings) through a real MRT-RL step, sleep mode around the update, the sync and the
+cross-rank weights check on the engine's own weights."""
+
+import json
+
+import fake_vllm
+import pytest
+
+from mrt_fast import train
+from mrt_fast.config import parse_args
+from mrt_fast.rollout.testing import torch_threads
+
+
+@pytest.fixture(autouse=True)
+def _fake_vllm_one_thread():
+    with torch_threads(1), fake_vllm.installed():
+        yield
+
+
+def _args(tmp_path, *extra):
+    return ["--rollout.engine", "vllm", "--train.steps", "1", "--train.global_batch_size", "2",
+            "--train.mini_batch_size", "2", "--rollout.n", "2", "--rollout.max_new_tokens", "48",
+            "--rollout.meta_k", "2", "--rollout.meta_max_new_tokens", "8", "--eval.num_problems", "0",
+            "--log.progress_bar", "false", "--log.tensorboard", "false", "--checkpoint.export_hf", "false",
+            "--output-dir", str(tmp_path), *extra]
+
+
+def test_an_mrt_rl_step_with_the_vllm_engine_in_sleep_mode(tmp_path, monkeypatch):
+    import vllm
+
+    calls = []
+    for name in ("sleep", "wake_up", "collective_rpc"):
+        method = getattr(vllm.LLM, name)
+        monkeypatch.setattr(vllm.LLM, name, lambda self, *a, _m=method, _n=name, **k: calls.append(_n) or _m(self, *a, **k))
+    cfg = parse_args(_args(tmp_path, "--vllm.enable_sleep_mode", "true", "--log.check_weights", "true")).config
+    summary = train.run(cfg)
+    assert summary["status"] == "completed" and summary["step"] == 1
+    row = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()][-1]
+    assert "reward/progress/mean" in row and len(row["debug/weights_sha256"]) == 64
+    # Initial sync, then per step: sleep for the update, wake the weights, sync, wake the KV cache.
+    assert calls == ["collective_rpc", "sleep", "wake_up", "collective_rpc", "wake_up"]
+
+
+@pytest.mark.parametrize("override, message", [
+    (["--vllm.gpu_memory_utilization", "1.5"], "vllm.gpu_memory_utilization must be in"),
+    (["--vllm.max_model_len", "32"], "vllm.max_model_len .32. must exceed rollout.max_new_tokens"),
+    (["--vllm.dtype", "fp8"], "vllm.dtype must be one of"),
+    (["--model.attn_backend", "flash_varlen", "--model.dtype", "float32"], "flash_varlen needs model.dtype"),
+])
+def test_bad_vllm_settings_fail_when_the_config_is_read(tmp_path, override, message):
+    with pytest.raises(ValueError, match=message):
+        parse_args(_args(tmp_path, *override))
+
+
+def test_main_reports_an_unsupported_vllm_as_an_error(tmp_path, monkeypatch, capsys):
+    import vllm
+
+    monkeypatch.setattr(vllm, "__version__", "0.8.5")
+    assert train.main(_args(tmp_path)) == 2
+    assert "supports vllm>=0.20,<0.34" in capsys.readouterr().err

@@ -129,7 +129,7 @@ def _reference_grads(hidden, weight, targets, g_logp, chunk: int = 1024):
 
 
 def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
-    return float((got.double() - want).abs().max() / want.abs().max().clamp_min(1e-30))
+    return float((got.detach().double() - want).abs().max() / want.abs().max().clamp_min(1e-30))
 
 
 def _kernel_case(n, h, v, dtype, device) -> list:
@@ -215,7 +215,7 @@ def part_loss(dry_run: bool) -> tuple[list[str], bool]:
             extra = ((torch.cuda.max_memory_allocated() - base - case.grad_bytes()) / 2**20) if device == "cuda" else None
             base_s = seconds if impl == "lm_head_matmul" else base_s
             rows.append([impl, f"{seconds * 1e3:.1f}", f"{seconds / base_s:.2f}x",
-                         f"{8 * n * h * v / seconds / 1e12:.0f}", "-" if extra is None else f"{extra:.0f}",
+                         f"{8 * n * h * v / seconds / 1e12:.3g}", "-" if extra is None else f"{extra:.0f}",
                          f"{first:.1f}"])
             del case
         except torch.OutOfMemoryError:

@@ -30,7 +30,8 @@ while [ $# -gt 0 ]; do
     shift
 done
 if [ -n "$dry_run" ]; then
-    export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES=""
+    # The kernels part runs Triton through the interpreter; everything else takes the PyTorch path.
+    export TRITON_INTERPRET=1 MRT_FAST_KERNEL_BACKEND=torch CUDA_VISIBLE_DEVICES=""
 elif ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     echo "gpu_check.sh: no CUDA device visible; use --cpu-dry-run to check the script on a CPU" >&2
     exit 2

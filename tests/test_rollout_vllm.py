@@ -246,3 +246,11 @@ def test_building_with_an_unsupported_vllm_fails_at_start_up(tied_path, tokenize
 def test_bad_engine_arguments_are_value_errors(tied_path, tokenizer, kw, match):
     with pytest.raises(ValueError, match=match):
         _engine(tied_path, tokenizer, **kw)
+
+
+def test_the_vllm_extra_pins_the_supported_range():
+    import tomllib
+    from pathlib import Path
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
+    assert pyproject["project"]["optional-dependencies"]["vllm"] == ["vllm" + ",".join(SUPPORTED_VLLM)]

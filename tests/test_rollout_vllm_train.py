@@ -59,3 +59,47 @@ def test_main_reports_an_unsupported_vllm_as_an_error(tmp_path, monkeypatch, cap
     monkeypatch.setattr(vllm, "__version__", "0.8.5")
     assert train.main(_args(tmp_path)) == 2
     assert "supports vllm>=0.20,<0.34" in capsys.readouterr().err
+
+
+def test_flash_varlen_updates_pack_each_continuation_with_its_own_prefix(tmp_path):
+    """flash-attn's varlen kernels cannot share a prefix, so with that backend the trainer packs
+    unshared; the update is the same (checked here with SDPA running the attention: no flash-attn
+    on a CPU)."""
+    import copy
+
+    import torch
+    import transformers
+
+    from mrt_fast.data import build_tiny_tokenizer, tiny_model_config
+    from mrt_fast.packing import PrefixGroup
+
+    config = tiny_model_config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                               num_key_value_heads=2)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "model")
+    build_tiny_tokenizer().save_pretrained(tmp_path / "model")
+    g = torch.Generator().manual_seed(1)
+    groups = [PrefixGroup(torch.randint(5, 400, (9,), generator=g).tolist(),
+                          [torch.randint(5, 400, (r,), generator=g).tolist() for r in (3, 7)]) for _ in range(2)]
+    plan = train.Plan(groups, [[0.5, -1.0], [1.5, 0.25]], "sequence", {})
+    cfg = parse_args(["--model.path", str(tmp_path / "model"), "--algo.name", "grpo", "--rollout.n", "2",
+                      "--train.global_batch_size", "2", "--train.mini_batch_size", "2", "--model.attn_backend", "sdpa",
+                      "--output-dir", str(tmp_path / "run")]).config
+    flash = copy.deepcopy(cfg)
+    flash.model.attn_backend = "flash_varlen"  # what packs; the actor below still attends with SDPA
+    results = []
+    for run_cfg in (cfg, flash):
+        env = train.init_distributed()
+        try:
+            model, _ = train.load_model_and_tokenizer(cfg)
+            actor = train.build_actor(model, cfg, env)
+            optimizer, _ = train.build_optimizer(actor, cfg)
+            metrics = train.update(actor, optimizer, plan, run_cfg, env)
+            results.append((metrics, {n: p.grad.full_tensor().clone() for n, p in actor.named_parameters()}))
+        finally:
+            train.destroy_distributed()
+    (shared, shared_grads), (unshared, unshared_grads) = results
+    assert shared["perf/packed_num_tokens"] < shared["perf/total_num_tokens"]
+    assert unshared["perf/packed_num_tokens"] == unshared["perf/total_num_tokens"]
+    for name in shared_grads:
+        torch.testing.assert_close(unshared_grads[name], shared_grads[name], rtol=1e-4, atol=1e-7, msg=name)

@@ -37,11 +37,11 @@ elif ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() els
     exit 2
 fi
 
-# part:seconds. The GPU time boxes sum to 470 s, inside 8 minutes.
+# part:seconds. The GPU time boxes sum to 475 s, inside 8 minutes.
 if [ -n "$dry_run" ]; then
     parts="env:120 kernels:300 loss:300 attention:300 train:300 gpu_train:300 vllm:60"
 else
-    parts="env:30 kernels:90 loss:75 attention:90 train:75 gpu_train:90 vllm:20"
+    parts="env:20 kernels:80 loss:70 attention:85 train:70 gpu_train:90 vllm:60"
 fi
 if [ -n "$only" ]; then
     selected=""

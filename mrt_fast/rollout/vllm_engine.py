@@ -107,9 +107,9 @@ def _preserved_rng() -> Iterator[None]:
             np.random.set_state(np_state)
 
 
-def _torchrun_world() -> tuple[int, int]:
-    """(rank, world size) from torchrun's environment; (0, 1) outside it."""
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+def _torchrun_world_size() -> int:
+    """WORLD_SIZE from torchrun's environment; 1 outside it."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 class VLLMEngine:
@@ -159,7 +159,7 @@ class VLLMEngine:
         # vLLM reads tokenizer files from a path; our text comes from `self.tokenizer`.
         tokenizer_path = str(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else model_path
         self.tokenizer = None if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)) else tokenizer
-        if _torchrun_world()[1] > 1:
+        if _torchrun_world_size() > 1:  # one engine per rank, on the rank's LOCAL_RANK GPU
             llm_kwargs.setdefault("distributed_executor_backend", "external_launcher")
         if _engine_arg_exists("logprobs_mode"):
             llm_kwargs.setdefault("logprobs_mode", "processed_logprobs")

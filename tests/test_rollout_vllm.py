@@ -147,6 +147,10 @@ def test_under_torchrun_each_rank_gets_the_external_launcher_on_its_own_gpu(tied
     monkeypatch.setenv("RANK", "3")
     monkeypatch.setenv("LOCAL_RANK", "3")
     monkeypatch.setenv("WORLD_SIZE", "4")
+    import vllm
+
+    with pytest.raises(RuntimeError, match="cuda:0"):  # what a plain vllm.LLM would do under torchrun
+        vllm.LLM(tied_path)
     engine = _engine(tied_path, tokenizer, seed=3)
     assert engine.llm._args.distributed_executor_backend == "external_launcher"
     assert engine.llm.device_index == 3 and engine.llm._args.seed == 3

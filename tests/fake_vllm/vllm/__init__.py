@@ -7,7 +7,8 @@ Only for tests: `tests/fake_vllm` is put on `sys.path` by the tests that use it.
   outside [0, 2], greedy (temperature 0) with `n > 1`; 0 < T < 0.01 is raised to 0.01.
 * `LLM(...)` reseeds Python's, NumPy's and torch's global generators with `seed`; the
   `external_launcher` executor reads RANK / LOCAL_RANK (and needs
-  VLLM_ENABLE_V1_MULTIPROCESSING=0); any other executor puts the engine on device index 0.
+  VLLM_ENABLE_V1_MULTIPROCESSING=0); any other executor puts the engine on device index 0, which
+  under torchrun (WORLD_SIZE > 1) the fake turns into an error (real vLLM shares cuda:0 silently).
 * Prompts: empty, longer than `max_model_len` or exactly `max_model_len` tokens are rejected.
 * Decoding checks EOS, then `stop_token_ids` (and the generation config's extra EOS ids, reported
   as stop tokens), then the length, then stop strings on the text of vLLM's own tokenizer
@@ -199,6 +200,10 @@ class LLM:
             if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") != "0":
                 raise AssertionError("To get deterministic execution, please set VLLM_ENABLE_V1_MULTIPROCESSING=0")
             self.rank, self.device_index = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+        elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # Real vLLM silently puts every rank's engine on cuda:0 here; the fake makes that visible.
+            raise RuntimeError("under torchrun without distributed_executor_backend='external_launcher' every "
+                               "rank's engine lands on cuda:0")
         else:
             self.rank, self.device_index = 0, 0  # the single-process executor's device "cuda" is cuda:0
         dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]

@@ -81,6 +81,19 @@ class RolloutConfig:
 
 
 @dataclass
+class VLLMConfig:
+    """vLLM engine settings (used when ``rollout.engine`` is vllm; see docs/gpu.md). Every rank runs
+    its own engine on its own GPU, next to its share of the trainer."""
+
+    gpu_memory_utilization: float = 0.4  # fraction of the GPU vLLM takes for weights + KV cache
+    enable_sleep_mode: bool = False  # free vLLM's GPU memory during each update, take it back for the sync
+    tensor_parallel_size: int = 1  # GPUs per engine; > 1 only in a single-process run
+    max_model_len: Optional[int] = None  # prompt + generation context (null: the model's)
+    enforce_eager: bool = False  # no CUDA graphs: faster start-up, slower decoding
+    dtype: str = "auto"  # auto = the trainer's compute dtype (model.dtype)
+
+
+@dataclass
 class AlgoConfig:
     """The training algorithm and its loss."""
 
@@ -160,6 +173,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -234,9 +248,24 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ValueError("algo.name=grpo needs rollout.n >= 2 (the group baseline)")
     if cfg.algo.dual_clip is not None and cfg.algo.dual_clip <= 1:
         raise ValueError(f"algo.dual_clip must be > 1 (or null), got {cfg.algo.dual_clip}")
+    _validate_vllm(cfg)
+    if cfg.model.attn_backend == "flash_varlen" and cfg.model.dtype == "float32":
+        raise ValueError("model.attn_backend=flash_varlen needs model.dtype bfloat16 or float16 (flash-attn has "
+                         "no float32 kernels); use flex or sdpa for float32")
     if cfg.resume is not None and cfg.resume != "auto" and not Path(cfg.resume).exists():
         raise ValueError(f"resume must be 'auto' or an existing checkpoint directory, got {cfg.resume!r}")
     return cfg
+
+
+def _validate_vllm(cfg: RunConfig) -> None:
+    v = cfg.vllm
+    _choice("vllm.dtype", v.dtype, DTYPES)
+    if not 0 < v.gpu_memory_utilization <= 1:
+        raise ValueError(f"vllm.gpu_memory_utilization must be in (0, 1], got {v.gpu_memory_utilization}")
+    _positive("vllm.tensor_parallel_size", v.tensor_parallel_size)
+    if v.max_model_len is not None and v.max_model_len <= cfg.rollout.max_new_tokens:
+        raise ValueError(f"vllm.max_model_len ({v.max_model_len}) must exceed rollout.max_new_tokens "
+                         f"({cfg.rollout.max_new_tokens}): it holds the prompt and the generation")
 
 
 def world_batch_check(cfg: RunConfig, world_size: int) -> None:
@@ -245,6 +274,9 @@ def world_batch_check(cfg: RunConfig, world_size: int) -> None:
                         ("train.mini_batch_size", cfg.train.mini_batch_size)):
         if value % world_size:
             raise ValueError(f"{name} ({value}) must be divisible by the world size ({world_size})")
+    if cfg.rollout.engine == "vllm" and world_size > 1 and cfg.vllm.tensor_parallel_size != 1:
+        raise ValueError(f"vllm.tensor_parallel_size must be 1 under torchrun (got {cfg.vllm.tensor_parallel_size}): "
+                         "each rank runs its own engine on its own GPU and samples its own prompts")
 
 
 # ---------------------------------------------------------------------------------------------

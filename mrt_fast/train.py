@@ -486,7 +486,9 @@ def _update(actor: Actor, optimizer: torch.optim.Optimizer, plan: Plan, cfg: Run
     for start in range(0, len(plan.groups), per_mini):
         groups = plan.groups[start:start + per_mini]
         advs = plan.advantages if plan.level == "episode" else plan.advantages[start:start + per_mini]
-        batches = pack(groups, max_tokens=cfg.train.max_tokens_per_micro_batch)
+        # flash-attn's varlen kernels cannot attend to a shared prefix: give each continuation its own copy.
+        batches = pack(groups, max_tokens=cfg.train.max_tokens_per_micro_batch,
+                       share_prefix=cfg.model.attn_backend != "flash_varlen")
         all_batches += batches
         total = sum(share(b) for b in batches)
         mine = [b.to(env.device) for b in balance_micro_batches(batches, env.world_size)[env.rank]]
@@ -600,9 +602,10 @@ def weights_digest(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def check_rank_consistency(model: nn.Module, step: int) -> str:
+def check_rank_consistency(model: Any, step: int) -> str:
     """Every rank's copy of the weights must be bit-identical after a step; returns the digest."""
-    digests = all_gather_objects(weights_digest(model))
+    digest = model.apply_model(weights_digest)[0] if hasattr(model, "apply_model") else weights_digest(model)
+    digests = all_gather_objects(digest)
     if len(set(digests)) != 1:
         raise RuntimeError(f"ranks hold different weights after step {step}: {digests}")
     return digests[0]
@@ -682,9 +685,10 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-def build_engine(cfg: RunConfig, rollout_model: nn.Module, tokenizer: Any) -> Any:
+def build_engine(cfg: RunConfig, rollout_model: nn.Module, tokenizer: Any, env: DistEnv) -> Any:
     """The rollout engine: ``hf`` samples from ``rollout_model``; ``vllm`` loads ``model.path``
-    itself (weights are synced from the trainer after every update either way)."""
+    itself, one engine per rank on the rank's GPU (weights are synced from the trainer after every
+    update either way)."""
     from mrt_fast.rollout import make_engine
 
     if cfg.rollout.engine == "hf":
@@ -694,7 +698,12 @@ def build_engine(cfg: RunConfig, rollout_model: nn.Module, tokenizer: Any) -> An
         from mrt_fast.data.tokenizer import ASSETS_DIR
 
         path = str(ASSETS_DIR)
-    return make_engine("vllm", model_path=path)
+    v = cfg.vllm
+    dtype = v.dtype if v.dtype != "auto" else str(compute_dtype(cfg.model.dtype, env.device)).removeprefix("torch.")
+    return make_engine("vllm", model_path=path, tokenizer=tokenizer, seed=cfg.train.seed + env.rank,
+                       gpu_memory_utilization=v.gpu_memory_utilization, enable_sleep_mode=v.enable_sleep_mode,
+                       tensor_parallel_size=v.tensor_parallel_size, max_model_len=v.max_model_len,
+                       enforce_eager=v.enforce_eager, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
 
 
 def resolve_run_dir(cfg: RunConfig, env: DistEnv) -> Path:
@@ -753,8 +762,10 @@ def run(cfg: RunConfig, *, export_only: bool = False, allow_config_change: bool 
             + ("" if state["rng_restored"] else f" ({state['rng_note']})"))
     if env.is_main and not export_only:
         run_dir_policy.start_segment(cfg, run_dir, step, resumed=resume_from is not None)
-    engine = build_engine(cfg, rollout_model, tokenizer)
+    engine = build_engine(cfg, rollout_model, tokenizer, env)
     sync_engine(engine, actor)
+    # vLLM's sleep mode: the engine hands its GPU memory to the update and takes it back for the sync.
+    sleeps = cfg.rollout.engine == "vllm" and cfg.vllm.enable_sleep_mode
 
     if export_only:
         path = export(run_dir, actor, rollout_model, tokenizer, env, name=f"hf-step_{step}")
@@ -783,6 +794,8 @@ def run(cfg: RunConfig, *, export_only: bool = False, allow_config_change: bool 
                 plan = make_plan(cfg, [examples[i] for i in indices], engine, tokenizer, grader,
                                  seed=step_seed(cfg.train.seed, step, env.rank))
             plan, rollout_metrics = gather_plan(plan)
+            if sleeps:
+                engine.sleep(level=1)
             with timer("update_actor"):
                 actor.train()
                 if plan.groups:
@@ -794,9 +807,15 @@ def run(cfg: RunConfig, *, export_only: bool = False, allow_config_change: bool 
                 lr = scheduler.get_last_lr()[0]
                 scheduler.step()
             with timer("sync_weights"):
+                if sleeps:
+                    engine.wake_up(["weights"])  # weights first: no KV cache in memory during the sync
                 sync_engine(engine, actor)
+                if sleeps:
+                    engine.wake_up(["kv_cache"])
             step += 1
-            digest = check_rank_consistency(rollout_model, step) if cfg.log.check_weights else None
+            # With vLLM, rollout_model is not what samples: check the engine's own weights.
+            digest = (check_rank_consistency(engine if cfg.rollout.engine == "vllm" else rollout_model, step)
+                      if cfg.log.check_weights else None)
             elapsed = time.perf_counter() - t0
             metrics = {**rollout_metrics, **update_metrics, "actor/lr": lr, **timer.pop()}
             tokens = metrics["perf/total_num_tokens"]
@@ -906,7 +925,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
     try:
         run(args.config, export_only=args.export_only, allow_config_change=args.allow_config_change)
-    except (ValueError, TypeError, checkpoint.CheckpointError) as exc:
+    except (ValueError, TypeError, ImportError, checkpoint.CheckpointError) as exc:  # ImportError: vllm missing or unsupported
         print(f"mrt_fast.train: error: {exc}", file=sys.stderr)
         destroy_distributed()
         return 2

@@ -1,8 +1,12 @@
 """Engine protocol tests, run against every backend: the embedded HF engine (Qwen2- and
-Llama-shaped tiny random models) always, vLLM where it is importable and a GPU is present."""
+Llama-shaped tiny random models) always; the vLLM engine over the fake `vllm` of
+tests/fake_vllm (vLLM 0.33's call contract on a real tiny model, CPU) always; and over the real
+vLLM where it is importable and a GPU is present."""
 
 import importlib.util
 import os
+
+import fake_vllm
 
 import pytest
 import torch
@@ -24,6 +28,7 @@ VLLM_SKIP = (
 BACKENDS = [
     "hf-qwen2",
     "hf-llama",
+    "vllm-fake",
     pytest.param("vllm", marks=pytest.mark.skipif(VLLM_SKIP is not None, reason=VLLM_SKIP or "")),
 ]
 MAX_POS = 128
@@ -38,13 +43,19 @@ def tokenizer():
 def engine(request, tokenizer, tmp_path_factory):
     if request.param.startswith("hf"):
         model = tiny_causal_lm(request.param.split("-")[1], max_position_embeddings=MAX_POS)
-        return make_engine("hf", model=model, tokenizer=tokenizer)
+        yield make_engine("hf", model=model, tokenizer=tokenizer)
+        return
     path = tmp_path_factory.mktemp("tiny-vllm")
     # vLLM's attention kernels want head_dim >= 32: hidden 256 / 4 heads = 64.
     tiny_causal_lm("qwen2", hidden_size=256, max_position_embeddings=MAX_POS).save_pretrained(path)
     tokenizer.save_pretrained(path)
-    engine = make_engine("vllm", model_path=str(path), dtype="float32", gpu_memory_utilization=0.2, enforce_eager=True)
-    return engine
+    options = dict(model_path=str(path), tokenizer=tokenizer, dtype="float32", gpu_memory_utilization=0.2,
+                   enforce_eager=True)
+    if request.param == "vllm":
+        yield make_engine("vllm", **options)
+    else:
+        with fake_vllm.installed():
+            yield make_engine("vllm", **options)
 
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [20, 21, 22, 23]]

@@ -5,8 +5,8 @@
 - `HFEngine` (backend "hf", always available): sampling loop with a reusable KV cache over any
   transformers causal LM; `fork` shares each prefix's cache across its branches and
   `branch_at_boundaries` serves all episode boundaries of a trace from one prefill.
-- `VLLMEngine` (backend "vllm", optional): vLLM with automatic prefix caching, in-process weight
-  sync and sleep/wake; imported lazily.
+- `VLLMEngine` (backend "vllm", optional, vllm >= 0.20, < 0.34): vLLM with automatic prefix
+  caching, one-call in-process weight sync and sleep/wake; imported lazily.
 """
 
 from .branching import branch_at_boundaries

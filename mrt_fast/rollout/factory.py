@@ -15,8 +15,9 @@ def make_engine(backend: str = "hf", **kwargs: Any) -> RolloutEngine:
     - `make_engine("hf", model=..., tokenizer=None, **HFEngine options)`, or
       `make_engine("hf", model_path=DIR, device="cpu", dtype=None, **HFEngine options)` to load a
       local checkpoint (and its tokenizer, when the directory has one).
-    - `make_engine("vllm", model_path=DIR, **VLLMEngine options)`: needs the optional `vllm`
-      package and a GPU.
+    - `make_engine("vllm", model_path=DIR, tokenizer=None, **VLLMEngine options)`: needs the
+      optional `vllm` package (a supported version, see `vllm_engine.SUPPORTED_VLLM`) and a GPU;
+      pass the run's tokenizer so that `Completion.text` is decoded with it.
     """
     if backend == "hf":
         from .hf_engine import HFEngine

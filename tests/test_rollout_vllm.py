@@ -258,3 +258,15 @@ def test_the_vllm_extra_pins_the_supported_range():
 
     pyproject = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
     assert pyproject["project"]["optional-dependencies"]["vllm"] == ["vllm" + ",".join(SUPPORTED_VLLM)]
+
+
+def test_requests_of_one_call_draw_independent_streams(tied_path, tokenizer):
+    """One seed for a call, but every request its own stream: the same prompt twice in a call gives
+    different samples (one seed for all requests would make them equal), and the call repeats."""
+    engine = _engine(tied_path, tokenizer)
+    params = SamplingParams(temperature=1.0, max_new_tokens=12, seed=3)
+    first = engine.generate([PROMPT, PROMPT, PROMPT[:3]], params, n=2)
+    again = engine.generate([PROMPT, PROMPT, PROMPT[:3]], params, n=2)
+    ids = [[c.token_ids for c in row] for row in first]
+    assert ids == [[c.token_ids for c in row] for row in again]
+    assert ids[0] != ids[1] and ids[0][0] != ids[0][1]

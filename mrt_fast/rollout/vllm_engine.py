@@ -25,7 +25,8 @@ The calls used are vLLM's public offline API: `vllm.LLM(..., enable_prefix_cachi
 * **Random state.** Building a `vllm.LLM` reseeds Python's, NumPy's and torch's global generators;
   the engine restores the caller's state afterwards. Requests without a seed get one drawn from
   torch's global generator (as the HF engine does), so `torch.manual_seed` makes a call
-  reproducible. Sample `j` of a request with seed `s` uses vLLM's stream `s + j`.
+  reproducible. Each request gets its own seed, derived from the call's seed and the request's
+  context (as the HF engine keys its streams), so no two prompts share random numbers.
 * **Text.** vLLM loads its own tokenizer (AutoTokenizer), which can decode some tokens
   differently from the project's tokenizer. `Completion.text` (what the graders read) is decoded
   with the tokenizer given to the engine, and stop strings are matched on that text, so the
@@ -49,6 +50,7 @@ import torch
 from .params import Completion, SamplingParams
 from .protocol import check_n, check_params, check_token_lists
 from .stopping import StopStrings
+from .sampling import context_keys, stream_seed
 
 SUPPORTED_VLLM = (">=0.20", "<0.34")
 _MIN_VLLM, _MAX_VLLM = (0, 20), (0, 34)
@@ -245,10 +247,18 @@ class VLLMEngine:
                 )
         return prompts
 
-    def _to_vllm(self, params: SamplingParams, n: int):
+    def _request_seeds(self, prompts: list[list[int]], params: SamplingParams) -> list[int | None]:
+        """One seed per request, keyed by (seed, context, occurrence) as the HF engine keys its
+        streams: with one seed for all requests, sample j of every prompt would share its random
+        numbers (vLLM seeds sample j of a request with seed s from s + j)."""
+        if params.greedy:
+            return [None] * len(prompts)
         seed = params.seed
-        if seed is None and not params.greedy:  # as the HF engine: torch.manual_seed makes it reproducible
+        if seed is None:  # as the HF engine: torch.manual_seed makes it reproducible
             seed = int(torch.randint(0, 2**31 - 1, ()).item())
+        return [stream_seed(seed, *key) for key in context_keys(prompts)]
+
+    def _to_vllm(self, params: SamplingParams, n: int, seed: int | None):
         return self._vllm.SamplingParams(
             n=n,
             temperature=params.temperature,
@@ -275,7 +285,8 @@ class VLLMEngine:
         per_request = 1 if params.greedy else n
         requests = [{"prompt_token_ids": p} for p in prompts]
         try:
-            outputs = self.llm.generate(requests, self._to_vllm(params, per_request), use_tqdm=False)
+            per_prompt = [self._to_vllm(params, per_request, seed) for seed in self._request_seeds(prompts, params)]
+            outputs = self.llm.generate(requests, per_prompt, use_tqdm=False)
         except Exception as exc:
             raise _as_value_error(exc) from exc
         stops = StopStrings(self.tokenizer, params.stop, skip_special_tokens=params.skip_special_tokens) if params.stop else None

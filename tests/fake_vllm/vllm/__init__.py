@@ -255,8 +255,12 @@ class LLM:
                  lora_request=None, priority=None, tokenization_kwargs=None, mm_processor_kwargs=None) -> list[RequestOutput]:
         if self._asleep:
             raise RuntimeError(f"the engine is asleep ({sorted(self._asleep)}): call wake_up() first")
-        params = sampling_params or SamplingParams()
         prompts = prompts if isinstance(prompts, list) else [prompts]
+        # vLLM takes one SamplingParams for all prompts or a list of one per prompt.
+        per_prompt = (list(sampling_params) if isinstance(sampling_params, (list, tuple))
+                      else [sampling_params or SamplingParams()] * len(prompts))
+        if len(per_prompt) != len(prompts):
+            raise ValueError("The lengths of prompts and sampling_params must be the same.")
         limit = self.llm_engine.model_config.max_model_len
         for p in prompts:
             n_tokens = len(p["prompt_token_ids"])
@@ -267,7 +271,7 @@ class LLM:
                     f"The decoder prompt (length {n_tokens}) plus the number of requested output tokens "
                     f"(at least 1) is longer than the maximum model length of {limit}.")
         outputs = []
-        for i, p in enumerate(prompts):
+        for i, (p, params) in enumerate(zip(prompts, per_prompt)):
             ids = list(p["prompt_token_ids"])
             children = [self._sample(ids, params, None if params.seed is None else params.seed + j, j)
                         for j in range(params.n)]

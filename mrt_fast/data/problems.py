@@ -163,26 +163,23 @@ def check_answers(answers: list[str], kind: str, *, where: str) -> None:
                          "data, or set data.grader to 'exact' (string equality of the final \\boxed{} answer)")
 
 
-def rows_to_examples(rows: list[dict], *, source_key: str, source: str, prompt_column: str, answer_column: str,
-                     response_column: Optional[str]) -> list[Example]:
-    """Examples from table rows; missing columns or non-text values fail, naming the config keys."""
-    columns = sorted(rows[0])
-    needed = {"data.prompt_column": prompt_column, "data.answer_column": answer_column}
-    if response_column is not None:
-        needed["data.response_column"] = response_column
-    missing = {k: c for k, c in needed.items() if c not in columns}
+def rows_to_examples(rows: list[dict], *, source_key: str, source: str, columns: dict[str, str]) -> list[Example]:
+    """Examples from table rows. ``columns`` maps the option naming each column to the column, in
+    the order prompt, answer[, response]; a missing column or a non-text value fails naming them."""
+    present = sorted(rows[0])
+    missing = {k: c for k, c in columns.items() if c not in present}
     if missing:
-        raise ValueError(f"{source_key}={source!r} has no column(s) {list(missing.values())} (columns: {columns}); "
+        raise ValueError(f"{source_key}={source!r} is missing column(s) {list(missing.values())} (columns: {present}); "
                          f"set {', '.join(missing)}")
     examples = []
     for i, row in enumerate(rows):
         values = []
-        for column in needed.values():
+        for position, column in enumerate(columns.values()):
             value = row.get(column)
             if isinstance(value, bool) or not isinstance(value, (str, int, float)) or not str(value).strip():
                 raise ValueError(f"{source_key}={source!r}: row {i} has no usable {column!r} value (got {value!r:.80})")
-            values.append(str(value).strip() if column == answer_column else str(value))
-        examples.append(Example(values[0], values[1], values[2] if response_column is not None else None))
+            values.append(str(value).strip() if position == 1 else str(value))
+        examples.append(Example(*values))
     return examples
 
 
@@ -203,9 +200,10 @@ def embedded_examples(n: int, *, seed: int, difficulty: Optional[int], with_resp
 def _file_examples(cfg: Any, source: str, source_key: str, *, with_responses: bool) -> list[Example]:
     data = cfg.data
     rows = read_rows(source, key=source_key, split=data.split)
-    examples = rows_to_examples(rows, source_key=source_key, source=source, prompt_column=data.prompt_column,
-                                answer_column=data.answer_column,
-                                response_column=data.response_column if with_responses else None)
+    columns = {"data.prompt_column": data.prompt_column, "data.answer_column": data.answer_column}
+    if with_responses:
+        columns["data.response_column"] = data.response_column
+    examples = rows_to_examples(rows, source_key=source_key, source=source, columns=columns)
     check_answers([ex.answer for ex in examples], grader_kind(data.grader, data.source), where=f"{source_key}={source!r}")
     return examples
 

@@ -136,9 +136,8 @@ def load_dataset_rows(
         if not Path(spec).is_file():
             raise FileNotFoundError(f"--dataset {spec}: no such file")
         rows = read_rows(spec, key="--dataset")
-        examples = rows_to_examples(rows[:num_problems] if num_problems else rows, source_key="--dataset",
-                                    source=spec, prompt_column=prompt_column, answer_column=answer_column,
-                                    response_column=None)
+        examples = rows_to_examples(rows[:num_problems] if num_problems else rows, source_key="--dataset", source=spec,
+                                    columns={"--prompt-column": prompt_column, "--answer-column": answer_column})
     check_answers([ex.answer for ex in examples], grader, where=f"--dataset {spec} (--grader)")
     return [(ex.prompt, ex.answer) for ex in examples]
 

@@ -36,12 +36,22 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 64,128, got {text!r}") from None
 
 
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Shows ``(default: X)`` after each option's help, except for flags and options without one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and action.option_strings != ["-h", "--help"]:
+            text += " (default: %(default)s)"
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m mrt_fast.eval",
         description="Evaluate pass@k, maj@k, tokens and regret (meta-prover J at every episode boundary). "
                     "The defaults are the trainer's eval.* defaults, so its numbers and these agree.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsFormatter,
     )
     p.add_argument("--model", default=EMBEDDED,
                    help="'embedded', an HF model directory or hub name, or a trainer run directory (its hf/ export, "

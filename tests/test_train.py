@@ -3,6 +3,7 @@
 Multi-rank runs of every algorithm are in test_train_distributed.py.
 """
 
+import importlib.util
 import json
 import math
 import os
@@ -154,8 +155,10 @@ def test_bad_inputs_fail_before_any_compute(assets, tmp_path, override, message)
     (['{"prompt": "p", "answer": "1", "response": "r"}', '[1, 2]'], "exact", r"line 2 is not a JSON object"),
     (['{"prompt": "p", "answer": "1", "response": "r"}', '{"prompt": "q", "answer": null, "response": "r"}'],
      "exact", r"row 1 has no usable 'answer' value"),
-    (['{"prompt": "p", "answer": "1/2", "response": "r"}', '{"prompt": "q", "answer": "}{", "response": "r"}'],
-     "math", r"data.grader='math' cannot grade 1 answer\(s\) of data.source=.*row 1: "),
+    pytest.param(['{"prompt": "p", "answer": "1/2", "response": "r"}', '{"prompt": "q", "answer": "}{", "response": "r"}'],
+                 "math", r"data.grader='math' cannot grade 1 answer\(s\) of data.source=.*row 1: ",
+                 marks=pytest.mark.skipif(importlib.util.find_spec("math_verify") is None,
+                                          reason="the math grader needs the optional math-verify package")),
 ])
 def test_bad_data_rows_are_found_at_load_naming_the_config_key(assets, tmp_path, lines, grader, message, capsys):
     data = tmp_path / "bad.jsonl"

@@ -17,6 +17,7 @@ the trainer's ``eval.*`` defaults (:mod:`mrt_fast.eval.settings`), so both repor
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -178,6 +179,11 @@ def run(args: argparse.Namespace) -> dict:
     if args.num_problems < 0:
         raise ValueError(f"--num-problems must be >= 0, got {args.num_problems}")
     grader_kind = args.grader or ("exact" if args.dataset == EMBEDDED else "math")
+    if grader_kind == "math" and importlib.util.find_spec("math_verify") is None:
+        raise ValueError("--grader math (the default for a dataset file) needs the 'math-verify' package: "
+                         "pip install math-verify")
+    if args.engine == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise ValueError("--engine vllm needs the 'vllm' package: pip install vllm")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(args.seed)
 
@@ -199,8 +205,7 @@ def run(args: argparse.Namespace) -> dict:
     if not args.no_progress:
         from tqdm.auto import tqdm
 
-        def bar(total):
-            return tqdm(total=total, desc="eval", unit="problem")
+        bar = lambda total: tqdm(total=total, desc="eval", unit="problem")  # noqa: E731
 
     result = evaluate_problems(engine, tokenizer, [p for p, _ in rows], [a for _, a in rows], grader_kind=grader_kind,
                                settings=settings, progress=bar)

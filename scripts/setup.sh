@@ -12,6 +12,8 @@
 #         kernels in the interpreter on a CPU; about 1 GB), tensorboard, vllm, flash-attn, triton.
 #         EXTRAS= (empty) installs only what training and evaluation need.
 # PYTHON  the interpreter to build the environment from (default python3; 3.10 or newer)
+# TORCH_INDEX  (cpu only) where the CPU build of torch comes from (default: PyTorch's CPU index);
+#         set it to a mirror, or to nothing to use pip's configured index.
 set -euo pipefail
 TARGET=${1:-}
 VENV=${VENV:-.venv}
@@ -20,7 +22,8 @@ PYTHON=${PYTHON:-python3}
 cd "$(dirname "$0")/.."
 
 case "$TARGET" in
-  cpu) TORCH=(torch --index-url https://download.pytorch.org/whl/cpu) ;;
+  cpu) TORCH_INDEX=${TORCH_INDEX-https://download.pytorch.org/whl/cpu}
+       TORCH=(torch ${TORCH_INDEX:+--index-url "$TORCH_INDEX"}) ;;
   gpu) TORCH=(torch) ;;
   *) echo "usage: bash scripts/setup.sh cpu|gpu   (see the comments at the top of this file)" >&2; exit 2 ;;
 esac

@@ -333,3 +333,24 @@ def test_a_local_model_dir_keeps_its_own_tokenization(assets, tmp_path):
     text = "Find the key whose value is 7.\nKeys: b, k, e.<think>\nLet me try k.\n\nk1."
     expected = build_tiny_tokenizer()(text, add_special_tokens=False)["input_ids"]
     assert tokenizer(text, add_special_tokens=False)["input_ids"] == expected
+
+
+def test_training_curves_plot_every_logged_series(tmp_path, capsys):
+    from mrt_fast.curves import main as curves_main, series, write_training_curves
+    from mrt_fast.metrics import MetricsWriter
+
+    assert write_training_curves(tmp_path) is None  # nothing logged yet
+    writer = MetricsWriter(tmp_path, enabled=True, tensorboard=False)
+    writer.log(0, {"eval/accuracy": 0.25})
+    for step in (1, 2, 3):
+        writer.log(step, {"reward/mean": 0.1 * step, "response_length/mean": 100.0 + step, "actor/grad_norm": 1.0,
+                          "actor/entropy": float("nan") if step == 2 else 0.5})
+    writer.log(3, {"eval/accuracy": 0.5})
+    writer.close()
+    rows = read_metrics(tmp_path)
+    assert series(rows, "eval/accuracy") == ([0, 3], [0.25, 0.5])
+    assert series(rows, "actor/entropy") == ([1, 3], [0.5, 0.5])  # a non-finite value is skipped, not drawn
+    assert curves_main([str(tmp_path)]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote {tmp_path / 'training_curves.png'}"
+    assert (tmp_path / "training_curves.png").stat().st_size > 10_000
+    assert curves_main([str(tmp_path / "nothing")]) == 2

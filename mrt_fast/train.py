@@ -826,8 +826,9 @@ def describe_run(cfg: RunConfig, run_dir: Path, env: DistEnv, *, export_only: bo
         f"task          : {data}, grader {grader_kind(cfg.data.grader, cfg.data.source)}",
         f"algorithm     : {cfg.algo.name}" + (f" (alpha {cfg.algo.alpha:g})" if cfg.algo.name.startswith("mrt")
                                                 and cfg.algo.name != "mrt-star" else ""),
-        f"steps         : {t.steps} x {t.global_batch_size} prompts x {r.n} traces of <= {r.max_new_tokens} tokens, "
-        f"lr {cfg.optim.lr:g}, on {env.world_size} process(es) ({env.device.type})",
+        f"steps         : {t.steps} x {t.global_batch_size} prompts"
+        + ("" if cfg.algo.name == "sft" else f" x {r.n} traces of <= {r.max_new_tokens} tokens")
+        + f", lr {cfg.optim.lr:g}, on {env.world_size} process(es) ({env.device.type})",
     ]
     if cfg.eval.num_problems:
         when = ("before and after training" if cfg.eval.before_training else "after training")
@@ -909,6 +910,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"mrt_fast.train: error: {exc}", file=sys.stderr)
         destroy_distributed()
         return 2
+    except KeyboardInterrupt:  # a second Ctrl-C: no checkpoint of the current step
+        print("mrt_fast.train: stopped at once by a second Ctrl-C; --resume auto continues from the last "
+              "checkpoint written before it", file=sys.stderr)
+        return 128 + signal.SIGINT.value
     if summary.get("status") == "interrupted":
         return 128 + signal.Signals[summary.get("signal", "SIGINT")].value
     return 0

@@ -354,3 +354,16 @@ def test_training_curves_plot_every_logged_series(tmp_path, capsys):
     assert capsys.readouterr().out.strip() == f"wrote {tmp_path / 'training_curves.png'}"
     assert (tmp_path / "training_curves.png").stat().st_size > 10_000
     assert curves_main([str(tmp_path / "nothing")]) == 2
+
+
+def test_periodic_evaluation_on_held_out_rows_with_progress_bars(assets, tmp_path, capsys):
+    cfg = sft_config(assets, tmp_path, steps=2, **{"eval.num_problems": 2, "eval.every": 1, "eval.samples": 1,
+                                                   "eval.max_new_tokens": 6, "eval.meta_k": 1,
+                                                   "eval.meta_max_new_tokens": 2, "eval.before_training": "false",
+                                                   "log.progress_bar": "true"})
+    summary = train.run(cfg)
+    rows = read_metrics(tmp_path)
+    assert [(r["step"], "eval/accuracy" in r) for r in rows] == [(1, True), (2, True), (2, True)]  # + the final one
+    assert summary["eval"]["eval/accuracy"] == rows[-1]["eval/accuracy"]
+    err = capsys.readouterr().err
+    assert "eval at step 1" in err and "eval at step 2" in err and "eval after training" in err

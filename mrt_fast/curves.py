@@ -24,7 +24,7 @@ PANELS = (
                                         "mrt/J_final/mean")),
     ("policy entropy", "nats per token", ("actor/entropy",)),
     ("gradient norm", "before clipping", ("actor/grad_norm",)),
-    ("evaluation", "accuracy", ("eval/accuracy",)),
+    ("evaluation", "pass@1 (settings in eval.json)", ("eval/accuracy",)),
 )
 
 

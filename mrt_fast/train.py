@@ -876,7 +876,8 @@ def summary_text(summary: dict[str, Any], cfg: RunConfig, *, world_size: int = 1
         lines.append(f"  TensorBoard   : tensorboard --logdir {run_dir / 'tensorboard'}")
     if "eval" in summary:
         def describe(ev: dict) -> str:
-            regret = ", ".join(f"regret@{k.split('@')[1]} {v:.3f}" for k, v in ev.items() if k.startswith("eval/regret@"))
+            budgets = sorted(int(k.split("@")[1]) for k in ev if k.startswith("eval/regret@"))
+            regret = ", ".join(f"regret@{b} {ev[f'eval/regret@{b}']:.3f}" for b in budgets)
             return (f"{ev['eval/accuracy']:.3f}, mean response tokens "
                     f"{ev['eval/response_length/mean']:.1f}" + (f", {regret}" if regret else ""))
 

@@ -18,7 +18,7 @@ def _pyplot():
 
 
 def _model_title(model_name: Optional[str]) -> str:
-    return f"{model_name}: " if model_name else ""
+    return f"{model_name}\n" if model_name else ""
 
 
 def write_plots(result: dict, out_dir: Path, *, model_name: Optional[str] = None) -> list[str]:

@@ -223,6 +223,11 @@ class ProgressBar:
         self._bar.set_postfix(post, refresh=False)
         self._bar.update(1)
 
+    def unpause(self) -> None:
+        """Restart the clock from now: time spent since the last update (an evaluation) is not a step's."""
+        if self._bar is not None:
+            self._bar.unpause()
+
     def write(self, text: str) -> None:
         if self._bar is not None:
             self._bar.write(text)

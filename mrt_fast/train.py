@@ -1,18 +1,21 @@
 """The mrt-fast training recipe: ``python -m mrt_fast.train`` / ``torchrun -m mrt_fast.train``.
 
-Read top to bottom, like a torchtune recipe:
+:func:`run` reads top to bottom:
 
-1. config      parse ``--config run.yaml`` + dotted overrides, make the run directory
-2. setup       process group, model + tokenizer, data, FSDP2 actor, optimizer, LR schedule,
-               rollout engine (an unsharded copy of the policy), optional reference model, resume
-3. step loop   prompts -> rollouts + the algorithm's plan (PrefixGroups + advantages)
+1. setup       check the config's paths, packages and data (before any compute), print the run
+               directory and plan, then process group, model + tokenizer, FSDP2 actor, optimizer,
+               LR schedule, rollout engine (an unsharded copy of the policy), reference model, resume
+2. step loop   prompts -> rollouts + the algorithm's plan (PrefixGroups + advantages)
                -> pack with shared prefixes, balance over ranks -> fused loss inside the sharded
                forward -> gradient accumulation, clipping, AdamW, LR schedule (PPO epochs and
                mini-batches) -> weight sync to the engine -> metrics, checkpoints
-4. finish      final checkpoint, HF export, short evaluation, where the outputs are
+3. finish      final checkpoint, HF export, evaluation, training-curves plot, where the outputs are
 
 With no arguments it runs the embedded default job: the tiny warm-started model of
-``mrt_fast.data.synthetic`` on its synthetic task, MRT-RL for a few steps, then an evaluation.
+``mrt_fast.data.synthetic`` on its synthetic task, MRT-RL for a few steps, an evaluation before
+and after. Exit codes: 0 finished, 1 stopped on a non-finite loss or gradient, 2 bad config or
+data (nothing ran), 128 + signal number (130 Ctrl-C, 143 SIGTERM) stopped by a signal after
+checkpointing; the resume command is printed.
 """
 
 from __future__ import annotations
@@ -20,20 +23,37 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import random
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
 
 from mrt_fast import checkpoint, run_dir as run_dir_policy
-from mrt_fast.config import EMBEDDED, RunConfig, dump, parse_args, world_batch_check
+from mrt_fast.config import (
+    EMBEDDED,
+    RunConfig,
+    dump,
+    looks_local,
+    parse_args,
+    preflight,
+    world_batch_check,
+)
+from mrt_fast.data.problems import (  # noqa: F401  (Example, DataStream, grader_for: importable from here)
+    DataStream,
+    Example,
+    describe_eval_source,
+    grader_for,
+    grader_kind,
+    load_eval_examples,
+    load_examples,
+    prompt_token_ids,
+)
 from mrt_fast.distributed import (
     DistEnv,
     all_gather_objects,
@@ -53,123 +73,254 @@ from mrt_fast.distributed import (
 from mrt_fast.metrics import MetricsWriter, ModelShape, ProgressBar, Timer, mfu, micro_batch_flops, reduce_mean
 
 # ============================================================================================
-# 1. Data: problems with a prompt, a reference answer and (for SFT) a response to imitate
+# 1. The recipe
 # ============================================================================================
 
 
-@dataclass(frozen=True)
-class Example:
-    prompt: str
-    answer: str
-    response: Optional[str] = None
+@dataclass
+class RunState:
+    """Everything the step loop and the finish need, built once by :func:`setup`."""
+
+    cfg: RunConfig
+    env: DistEnv
+    run_dir: Path
+    examples: list
+    eval_examples: list
+    grader: Callable[[str, str], bool]
+    tokenizer: Any
+    actor: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    engine: Any
+    rollout_model: nn.Module
+    reference: Optional[nn.Module]
+    step: int
+    data: DataStream
+    writer: MetricsWriter
+    last_metrics: dict = field(default_factory=dict)
+    evals: dict = field(default_factory=dict)  # "before" / "after" evaluation results
+
+    def say(self, text: str) -> None:
+        if self.env.is_main:
+            print(f"[mrt_fast.train] {text}", flush=True)
 
 
-EVAL_SEED_OFFSET = 1_000_003  # held-out embedded problems come from a different seed stream
+def run(cfg: RunConfig, *, export_only: bool = False, allow_config_change: bool = False) -> dict[str, Any]:
+    """Train (or, with ``export_only``, only export a checkpoint); returns a summary dict.
 
+    ``allow_config_change`` lets a resume go on with settings it cannot fully honour (see
+    :mod:`mrt_fast.run_dir`).
 
-def load_examples(cfg: RunConfig, *, held_out: bool = False) -> list[Example]:
-    """Training (or held-out evaluation) examples; a missing column fails here, before any compute."""
-    data = cfg.data
-    if data.source == EMBEDDED:
-        from mrt_fast.data import synthetic
-
-        seed = cfg.train.seed + (EVAL_SEED_OFFSET if held_out else 0)
-        n = cfg.eval.num_problems if held_out else data.num_problems
-        kwargs = {} if data.difficulty is None else {"difficulty": data.difficulty}
-        problems = synthetic.generate_problems(n, seed=seed, **kwargs)
-        rng = random.Random(seed)
-        need_response = cfg.algo.name == "sft" and not held_out
-        return [Example(p.prompt, p.answer, synthetic.sft_trace(p, rng) if need_response else None)
-                for p in problems]
-
-    rows = _read_table(data.source, data.split)
-    columns = list(rows[0].keys()) if rows else []
-    needed = [data.prompt_column, data.answer_column]
-    if cfg.algo.name == "sft":
-        needed.append(data.response_column)
-    missing = [c for c in needed if c not in columns]
-    if missing:
-        raise ValueError(f"data.source={data.source!r} has no column(s) {missing} "
-                         f"(columns: {columns}); set data.prompt_column / data.answer_column / "
-                         "data.response_column")
-    examples = [Example(str(r[data.prompt_column]), str(r[data.answer_column]),
-                        str(r[data.response_column]) if data.response_column in r else None) for r in rows]
-    if held_out:
-        return examples[: cfg.eval.num_problems]
-    return examples
-
-
-def _read_table(source: str, split: str) -> list[dict]:
-    path = Path(source)
-    if not path.exists():
-        raise ValueError(f"data.source={source!r} does not exist (expected 'embedded', a json/jsonl/"
-                         "parquet/csv file or a directory saved with datasets.save_to_disk)")
-    import datasets
-
-    if path.is_dir():
-        ds = datasets.load_from_disk(str(path))
-        if isinstance(ds, datasets.DatasetDict):
-            if split not in ds:
-                raise ValueError(f"data.split={split!r} not in {list(ds)}")
-            ds = ds[split]
-    else:
-        kind = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}.get(path.suffix)
-        if kind is None:
-            raise ValueError(f"data.source={source!r}: unsupported file type {path.suffix!r}")
-        ds = datasets.load_dataset(kind, data_files=str(path), split="train")
-    if len(ds) == 0:
-        raise ValueError(f"data.source={source!r} is empty")
-    return list(ds)
-
-
-def grader_for(cfg: RunConfig):
-    """``grade(response, answer) -> bool`` for the configured data."""
-    from mrt_fast.data import grade
-
-    kind = cfg.data.grader
-    if kind == "auto" and cfg.data.source == EMBEDDED:
-        from mrt_fast.data.synthetic import GRADER_KIND
-
-        kind = GRADER_KIND
-    elif kind == "auto":
-        kind = "math"
-    return lambda response, answer: bool(grade(response, answer, kind=kind))
-
-
-def prompt_token_ids(tokenizer: Any, prompt: str) -> list[int]:
-    """Prompt tokens through the chat template, with the assistant turn opened."""
-    enc = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                        tokenize=True)
-    ids = enc["input_ids"] if hasattr(enc, "keys") else enc
-    return [int(t) for t in ids]
-
-
-class DataStream:
-    """A deterministic, resumable order over the examples: reshuffled every epoch from the seed.
-
-    ``position`` counts prompts handed out over all ranks; it is all a checkpoint needs to resume.
+    ``summary["status"]`` is ``completed`` or ``interrupted`` (then ``summary["signal"]`` names the
+    signal); a non-finite loss or gradient raises ``SystemExit(1)`` after naming the last good
+    checkpoint.
     """
+    # --- setup -----------------------------------------------------------------------------
+    state = setup(cfg, export_only=export_only, allow_config_change=allow_config_change)
+    if export_only:
+        return export_checkpoint(state)
 
-    def __init__(self, n: int, *, seed: int, shuffle: bool, position: int = 0) -> None:
-        if n <= 0:
-            raise ValueError(f"the dataset is empty (n={n})")
-        self.n, self.seed, self.shuffle, self.position = n, seed, shuffle, position
-        self._epoch, self._cached = -1, []
+    # --- step loop -------------------------------------------------------------------------
+    if cfg.eval.before_training and state.eval_examples and state.step == 0:
+        state.evals["before"] = evaluate(state, desc="eval before training")
+        state.writer.log(0, state.evals["before"])
+    bar = ProgressBar(cfg.train.steps, state.step, enabled=state.env.is_main and cfg.log.progress_bar)
+    stop = StopRequest()
+    status = "completed"
+    try:
+        while state.step < cfg.train.steps:
+            metrics = train_step(state)
+            bar.update(state.step, metrics)
+            if cfg.eval.every and state.step % cfg.eval.every == 0 and state.eval_examples:
+                metrics.update(evaluate(state, desc=f"eval at step {state.step}", leave=False))
+                bar.unpause()  # the evaluation's time is not a step's: keep it out of the estimate
+            state.writer.log(state.step, metrics)
+            state.last_metrics = metrics
+            save_periodic(state)
+            if stop.agreed():
+                status = "interrupted"
+                break
+    except NonFiniteError as exc:
+        bar.close()
+        last = checkpoint.latest(state.run_dir)
+        state.say(f"stopped at step {state.step + 1}: {exc}. Last good checkpoint: "
+                  f"{last if last is not None else 'none (no checkpoint was written yet)'}")
+        state.writer.close()
+        destroy_distributed()
+        raise SystemExit(1) from exc
+    finally:
+        stop.restore()
+    bar.close()
 
-    def _order(self, epoch: int) -> list[int]:
-        if epoch != self._epoch:
-            self._epoch, self._cached = epoch, list(range(self.n))
-            if self.shuffle:
-                random.Random(self.seed * 7919 + epoch).shuffle(self._cached)
-        return self._cached
+    # --- finish ----------------------------------------------------------------------------
+    return finish(state, status, stop.signal_name)
 
-    def take(self, count: int) -> list[int]:
-        out = []
-        for _ in range(count):
-            epoch, i = divmod(self.position, self.n)
-            out.append(self._order(epoch)[i])
-            self.position += 1
-        return out
+
+def setup(cfg: RunConfig, *, export_only: bool = False, allow_config_change: bool = False) -> RunState:
+    """Everything up to the first step. Config, paths, packages and data fail here, before any compute."""
+    preflight(cfg)
+    if export_only and cfg.resume is None:
+        raise ValueError("--export-only exports a checkpoint: add --resume auto (the latest checkpoint of "
+                         "--output-dir) or --resume PATH")
+    env = init_distributed()
+    world_batch_check(cfg, env.world_size)
+    run_dir = resolve_run_dir(cfg, env)
+    if env.is_main:
+        print(describe_run(cfg, run_dir, env, export_only=export_only), flush=True)
+    examples = load_examples(cfg)
+    eval_examples = load_eval_examples(cfg)
+    grader = grader_for(cfg)
+    resume_from = checkpoint.resolve_resume(run_dir, cfg.resume)
+    if export_only and resume_from is None:
+        raise ValueError(f"--export-only: {run_dir} has no checkpoint to export (train first, or pass "
+                         "--resume PATH to a checkpoint directory)")
+    run_dir_policy.check(cfg, run_dir, export_only=export_only, allow_config_change=allow_config_change,
+                         say=print if env.is_main else (lambda *a, **k: None))
+    torch.manual_seed(cfg.train.seed + env.rank)
+    random.seed(cfg.train.seed + env.rank)
+
+    model, tokenizer = load_model_and_tokenizer(cfg)
+    if resume_from is not None:  # incompatible checkpoints fail here, before any compute
+        checkpoint.check_compatible(resume_from, Actor(model))  # names as the sharded actor has them
+    # The engine samples from an unsharded copy (vLLM holds its own; the copy then stays on the CPU
+    # and only serves as the HF export template).
+    engine_device = env.device if cfg.rollout.engine == "hf" else torch.device("cpu")
+    rollout_model = copy.deepcopy(model).to(engine_device, compute_dtype(cfg.model.dtype, env.device)).eval()
+    reference = None
+    if cfg.model.reference_model:
+        # Frozen, so no fp32 master copy: held in the compute dtype it runs in (same values as the
+        # policy's fp32 weights cast by FSDP's mixed precision; half the memory).
+        frozen = copy.deepcopy(model).to(compute_dtype(cfg.model.dtype, env.device))
+        reference = build_actor(frozen, cfg, env).eval()
+        reference.requires_grad_(False)
+    actor = build_actor(model, cfg, env)
+    optimizer, scheduler = build_optimizer(actor, cfg)
+
+    step, data_position = 0, 0
+    if resume_from is not None:
+        loaded = checkpoint.load(resume_from, actor, optimizer, scheduler=scheduler)
+        step, data_position = loaded["step"], loaded["trainer"].get("data_position", 0)
+        if env.is_main:
+            print(f"[mrt_fast.train] resumed from {resume_from} at step {step}"
+                  + ("" if loaded["rng_restored"] else f" ({loaded['rng_note']})"), flush=True)
+    if env.is_main and not export_only:
+        run_dir_policy.start_segment(cfg, run_dir, step, resumed=resume_from is not None)
+    engine = build_engine(cfg, rollout_model, tokenizer, env)
+    sync_engine(engine, actor)
+    return RunState(
+        cfg=cfg, env=env, run_dir=run_dir, examples=examples, eval_examples=eval_examples, grader=grader,
+        tokenizer=tokenizer, actor=actor, optimizer=optimizer, scheduler=scheduler, engine=engine,
+        rollout_model=rollout_model, reference=reference, step=step,
+        data=DataStream(len(examples), seed=cfg.train.seed, shuffle=cfg.data.shuffle, position=data_position),
+        writer=MetricsWriter(run_dir, enabled=env.is_main and not export_only, tensorboard=cfg.log.tensorboard),
+    )
+
+
+def train_step(state: RunState) -> dict[str, Any]:
+    """One step: rollouts and the plan, the update, the weight sync; returns the step's metrics."""
+    cfg, env, timer = state.cfg, state.env, Timer()
+    t0 = time.perf_counter()
+    per_rank = cfg.train.global_batch_size // env.world_size
+    indices = state.data.take(cfg.train.global_batch_size)[env.rank * per_rank:(env.rank + 1) * per_rank]
+    with timer("gen"):
+        plan = make_plan(cfg, [state.examples[i] for i in indices], state.engine, state.tokenizer, state.grader,
+                         seed=step_seed(cfg.train.seed, state.step, env.rank))
+    plan, rollout_metrics = gather_plan(plan)
+    # vLLM's sleep mode: the engine hands its GPU memory to the update and takes it back for the sync.
+    sleeps = cfg.rollout.engine == "vllm" and cfg.vllm.enable_sleep_mode
+    if sleeps:
+        state.engine.sleep(level=1)
+    with timer("update_actor"):
+        state.actor.train()
+        if plan.groups:
+            update_metrics = update(state.actor, state.optimizer, plan, cfg, env, state.reference)
+            state.optimizer.zero_grad(set_to_none=True)  # free the gradients: generation needs the memory
+        else:  # e.g. MRT-STaR kept no trace this step: nothing to train on
+            update_metrics = {"actor/grad_norm": 0.0, "perf/total_num_tokens": 0.0,
+                              "perf/packed_num_tokens": 0.0, "train/empty_step": 1.0}
+        lr = state.scheduler.get_last_lr()[0]
+        state.scheduler.step()
+    with timer("sync_weights"):
+        if sleeps:
+            state.engine.wake_up(["weights"])  # weights first: no KV cache in memory during the sync
+        sync_engine(state.engine, state.actor)
+        if sleeps:
+            state.engine.wake_up(["kv_cache"])
+    state.step += 1
+    # With vLLM, rollout_model is not what samples: check the engine's own weights.
+    digest = (check_rank_consistency(state.engine if cfg.rollout.engine == "vllm" else state.rollout_model, state.step)
+              if cfg.log.check_weights else None)
+    elapsed = time.perf_counter() - t0
+    metrics = {**rollout_metrics, **update_metrics, "actor/lr": lr, **timer.pop()}
+    metrics["perf/throughput"] = metrics["perf/total_num_tokens"] / elapsed / env.world_size
+    metrics["perf/time_per_step"] = elapsed
+    # perf/model_flops: this GPU's share of the update's model FLOPs (no-grad forwards included), all
+    # inside the update_actor window.
+    util = mfu(metrics.get("perf/model_flops", 0.0) / max(metrics["timing_s/update_actor"], 1e-9))
+    if util is not None:
+        metrics["perf/mfu"] = util
+    if digest is not None:
+        metrics["debug/weights_sha256"] = digest
+    mem = max_memory_allocated_gb(env.device)
+    if mem is not None:
+        metrics["perf/max_memory_allocated_gb"] = mem
+    return metrics
+
+
+def save_periodic(state: RunState) -> None:
+    """Checkpoints every ``checkpoint.every`` steps and HF exports every ``checkpoint.export_every``."""
+    cfg, step = state.cfg, state.step
+    if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < cfg.train.steps:
+        checkpoint.save(state.run_dir, step, state.actor, state.optimizer, scheduler=state.scheduler,
+                        trainer_state={"data_position": state.data.position}, keep_last=cfg.checkpoint.keep_last)
+    if cfg.checkpoint.export_every and step % cfg.checkpoint.export_every == 0:
+        export(state, name=f"hf-step_{step}")
+
+
+def finish(state: RunState, status: str, signal_name: Optional[str]) -> dict[str, Any]:
+    """Final checkpoint; when completed, HF export and evaluation; the curves plot; the summary."""
+    cfg, run_dir = state.cfg, state.run_dir
+    ckpt = checkpoint.save(run_dir, state.step, state.actor, state.optimizer, scheduler=state.scheduler,
+                           trainer_state={"data_position": state.data.position}, keep_last=cfg.checkpoint.keep_last)
+    summary: dict[str, Any] = {"run_dir": str(run_dir), "status": status, "step": state.step, "checkpoint": str(ckpt),
+                               "metrics": str(run_dir / "metrics.jsonl")}
+    if signal_name is not None:
+        summary["signal"] = signal_name
+    if status == "completed":
+        if cfg.checkpoint.export_hf:
+            summary["hf_export"] = str(export(state, name="hf"))
+        if state.eval_examples:
+            state.evals["after"] = evaluate(state, desc="eval after training")
+            state.writer.log(state.step, state.evals["after"])
+            summary["eval"] = state.evals["after"]
+            if "before" in state.evals:
+                summary["eval_before"] = state.evals["before"]
+            if state.env.is_main:
+                (run_dir / "eval.json").write_text(json.dumps(
+                    {"label": _eval_label(cfg), "problems": describe_eval_source(cfg),
+                     "before": state.evals.get("before"), "after": state.evals["after"], "step": state.step},
+                    indent=2) + "\n")
+    state.writer.close()
+    if state.env.is_main and cfg.log.plots:
+        from mrt_fast.curves import write_training_curves
+
+        curves = write_training_curves(run_dir, title=f"{run_dir}: {cfg.algo.name} on {_short(cfg.model.path)}")
+        if curves is not None:
+            summary["curves"] = str(curves)
+    summary["last_metrics"] = {k: v for k, v in state.last_metrics.items() if isinstance(v, float)}
+    if state.env.is_main:
+        print(summary_text(summary, cfg, world_size=state.env.world_size), flush=True)
+    destroy_distributed()
+    return summary
+
+
+def export_checkpoint(state: RunState) -> dict[str, Any]:
+    """``--export-only``: the resumed checkpoint as an HF export, nothing trained."""
+    path = export(state, name=f"hf-step_{state.step}")
+    state.say(f"HF export of step {state.step}: {path}\n"
+              f"  evaluate it with: python -m mrt_fast.eval --model {state.run_dir}")
+    destroy_distributed()
+    return {"run_dir": str(state.run_dir), "hf_export": str(path), "step": state.step}
 
 
 # ============================================================================================
@@ -192,8 +343,7 @@ def load_model_and_tokenizer(cfg: RunConfig) -> tuple[nn.Module, Any]:
 
         from mrt_fast.data.tokenizer import load_tokenizer
 
-        looks_local = path.startswith((".", "/", "~")) or os.sep in path and path.count("/") != 1
-        if looks_local and not Path(path).expanduser().exists():
+        if looks_local(path) and not Path(path).expanduser().exists():
             raise ValueError(f"model.path={path!r} does not exist")
         try:
             # Not AutoTokenizer: next to a qwen2 config.json it swaps in Qwen2Tokenizer and changes
@@ -279,6 +429,15 @@ def build_optimizer(actor: nn.Module, cfg: RunConfig) -> tuple[torch.optim.Optim
         return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+
+
+def loss_options(cfg: RunConfig) -> dict[str, Any]:
+    """The policy loss's options (:func:`mrt_fast.loss.fused_policy_loss`), spelled once from the config."""
+    a = cfg.algo
+    return dict(eps_low=a.eps_low, eps_high=a.eps_high, dual_clip=a.dual_clip, beta=a.beta,
+                kl_estimator=a.kl_estimator, entropy_coef=a.entropy_coef, temperature=cfg.rollout.temperature,
+                loss_agg=a.loss_agg,
+                max_len=cfg.rollout.max_new_tokens if a.loss_agg == "seq-mean-token-sum-norm" else None)
 
 
 # ============================================================================================
@@ -468,6 +627,7 @@ def _update(actor: Actor, optimizer: torch.optim.Optimizer, plan: Plan, cfg: Run
     needs_old = not sft and (cfg.algo.ppo_epochs > 1 or n_mini > 1)
     temperature = cfg.rollout.temperature
     per_mini = max(1, math.ceil(len(plan.groups) / n_mini))
+    options = loss_options(cfg)
 
     def share(b: Any) -> float:
         """This micro-batch's part of the mini-batch normaliser: its loss tokens for token-mean, its
@@ -516,12 +676,7 @@ def _update(actor: Actor, optimizer: torch.optim.Optimizer, plan: Plan, cfg: Run
                     loss, m = actor(b, "sft")
                 else:
                     loss, m = actor(b, "policy", **_advantage_kwargs(b, advs, plan.level, env.device),
-                                    eps_low=cfg.algo.eps_low, eps_high=cfg.algo.eps_high,
-                                    dual_clip=cfg.algo.dual_clip, beta=cfg.algo.beta,
-                                    kl_estimator=cfg.algo.kl_estimator, entropy_coef=cfg.algo.entropy_coef,
-                                    temperature=temperature, loss_agg=cfg.algo.loss_agg,
-                                    max_len=cfg.rollout.max_new_tokens
-                                    if cfg.algo.loss_agg == "seq-mean-token-sum-norm" else None, **kw)
+                                    **options, **kw)
                 # FSDP averages gradients over ranks: multiplying by world_size undoes that; the
                 # share then weights this micro-batch within the whole mini-batch.
                 weight = (1.0 if summed else share(b)) / max(total, 1.0)
@@ -612,47 +767,50 @@ def check_rank_consistency(model: Any, step: int) -> str:
 
 
 # ============================================================================================
-# 4. Evaluation: greedy (or sampled) answers to held-out problems
+# 4. Evaluation: the same settings and code as python -m mrt_fast.eval
 # ============================================================================================
 
 
-def evaluate(cfg: RunConfig, engine: Any, tokenizer: Any, examples: Sequence[Example], grader: Any,
-             env: DistEnv) -> dict[str, float]:
-    """Short evaluation through ``mrt_fast.eval``: accuracy, mean response tokens, the meta-prover's
-    ``J`` along each trace and normalised regret at ``eval.budgets`` (each rank evaluates a share of
-    ``examples``; scalars are reduced over ranks)."""
-    from mrt_fast.data import extract_boxed
-    from mrt_fast.eval.runner import EvalSettings, evaluate as run_eval
-    from mrt_fast.mrt.progress import termination_token_ids
+def evaluate(state: RunState, *, desc: str, leave: bool = True) -> dict[str, float]:
+    """Evaluate the engine's current policy on the evaluation problems (``mrt_fast.eval.settings``).
 
-    mine = list(examples)[env.rank::env.world_size]
+    Each rank evaluates a share of the problems with the sampling seed ``train.seed`` (a sample's
+    random stream depends only on the seed and its index, so the split does not change the
+    numbers); scalars are reduced over ranks. Rank 0 shows its own progress bar.
+    """
+    from mrt_fast.eval.settings import eval_settings, evaluate_problems
+
+    cfg, env = state.cfg, state.env
+    mine = list(state.eval_examples)[env.rank::env.world_size]
     values: dict[str, float] = {}
     if mine:
-        e = cfg.eval
-        params = sampling_params(cfg, tokenizer, cfg.train.seed + env.rank)
-        params.temperature, params.max_new_tokens = e.temperature, e.max_new_tokens
-        settings = EvalSettings(params=params, meta_params=sampling_params(cfg, tokenizer, cfg.train.seed, meta=True),
-                                n=e.samples, ks=(1,), meta_k=e.meta_k, regret_samples=1,
-                                budgets=tuple(e.budgets) if e.budgets else (e.max_new_tokens,),
-                                regret_tokens=e.regret_tokens, splitter=episode_splitter(cfg))
-        result = run_eval(engine, tokenizer, [prompt_token_ids(tokenizer, ex.prompt) for ex in mine],
-                          [ex.answer for ex in mine], grader=grader, termination_ids=termination_token_ids(tokenizer),
-                          settings=settings, extract=_extract_answer)
+        progress = _eval_bar(desc, leave) if env.is_main and cfg.log.progress_bar else None
+        result = evaluate_problems(state.engine, state.tokenizer, [ex.prompt for ex in mine], [ex.answer for ex in mine],
+                                   grader_kind=grader_kind(cfg.data.grader, cfg.data.source),
+                                   settings=eval_settings(cfg.eval, seed=cfg.train.seed, splitter=episode_splitter(cfg)),
+                                   progress=progress)
         values = {"eval/accuracy": result["pass@1"], "eval/response_length/mean": result["mean_tokens"],
                   "eval/J_at_empty_prefix": result["J_at_empty_prefix"],
                   "eval/J_at_end_of_thinking": result["J_at_end_of_thinking"],
+                  **{f"eval/pass@{k}": v for k, v in result["pass@k"].items() if k != "1"},
                   **{f"eval/regret@{b}": v for b, v in result["regret"].items()}}
     return reduce_mean(values, {k: float(len(mine)) for k in values})
 
 
-def _extract_answer(text: str) -> Optional[str]:
-    from mrt_fast.data import extract_boxed
+def _eval_bar(desc: str, leave: bool) -> Callable[[int], Any]:
+    from tqdm.auto import tqdm
 
-    return extract_boxed(text)
+    return lambda total: tqdm(total=total, desc=desc, unit="problem", leave=leave, dynamic_ncols=True)
+
+
+def _eval_label(cfg: RunConfig) -> str:
+    from mrt_fast.eval.settings import accuracy_label
+
+    return accuracy_label(cfg.eval)
 
 
 # ============================================================================================
-# 5. The recipe
+# 5. Setup and finish helpers
 # ============================================================================================
 
 
@@ -664,6 +822,7 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.requested = False
+        self.signal_name: Optional[str] = None
         self._previous = {}
         for sig in (signal.SIGINT, signal.SIGTERM):
             self._previous[sig] = signal.signal(sig, self._handle)
@@ -672,13 +831,17 @@ class StopRequest:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         if not self.requested:
-            print(f"\n[mrt_fast.train] {signal.Signals(signum).name}: will checkpoint after this step and "
+            self.signal_name = signal.Signals(signum).name
+            print(f"\n[mrt_fast.train] {self.signal_name}: will checkpoint after this step and "
                   "stop (Ctrl-C again stops now)", file=sys.stderr, flush=True)
         self.requested = True
 
     def agreed(self) -> bool:
         """True on every rank when any rank was signalled (ranks must stop at the same step)."""
-        return bool(all_reduce_max(torch.tensor([1.0 if self.requested else 0.0])).item() > 0)
+        agreed = bool(all_reduce_max(torch.tensor([1.0 if self.requested else 0.0])).item() > 0)
+        if agreed and self.signal_name is None:  # another rank got the signal
+            self.signal_name = "SIGTERM"
+        return agreed
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
@@ -713,222 +876,117 @@ def resolve_run_dir(cfg: RunConfig, env: DistEnv) -> Path:
         cfg.output_dir = broadcast_object(name)
     run_dir = Path(cfg.output_dir)
     if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ValueError(f"output_dir (--output-dir) {str(run_dir)!r} cannot be created: {exc}") from None
     barrier()
     return run_dir
 
 
-def run(cfg: RunConfig, *, export_only: bool = False, allow_config_change: bool = False) -> dict[str, Any]:
-    """Train (or, with ``export_only``, only export a checkpoint); returns a summary dict.
+def _short(path: str) -> str:
+    return "the shipped tiny warm start" if path == EMBEDDED else path
 
-    ``allow_config_change`` lets a resume go on with settings it cannot fully honour (see
-    :mod:`mrt_fast.run_dir`)."""
-    # --- setup -----------------------------------------------------------------------------
-    env = init_distributed()
-    world_batch_check(cfg, env.world_size)
-    run_dir = resolve_run_dir(cfg, env)
-    say = print if env.is_main else (lambda *a, **k: None)
-    run_dir_policy.check(cfg, run_dir, export_only=export_only, allow_config_change=allow_config_change, say=say)
-    torch.manual_seed(cfg.train.seed + env.rank)
-    random.seed(cfg.train.seed + env.rank)
 
-    model, tokenizer = load_model_and_tokenizer(cfg)
-    examples = load_examples(cfg)
-    eval_examples = load_examples(cfg, held_out=True) if cfg.eval.num_problems > 0 else []
-    grader = grader_for(cfg)
-    resume_from = checkpoint.resolve_resume(run_dir, cfg.resume)
-    if resume_from is not None:  # incompatible checkpoints fail here, before any compute
-        checkpoint.check_compatible(resume_from, Actor(model))  # names as the sharded actor has them
-
-    # The engine samples from an unsharded copy (vLLM holds its own; the copy then stays on the CPU
-    # and only serves as the HF export template).
-    engine_device = env.device if cfg.rollout.engine == "hf" else torch.device("cpu")
-    rollout_model = copy.deepcopy(model).to(engine_device, compute_dtype(cfg.model.dtype, env.device)).eval()
-    reference = None
-    if cfg.model.reference_model:
-        # Frozen, so no fp32 master copy: held in the compute dtype it runs in (same values as the
-        # policy's fp32 weights cast by FSDP's mixed precision; half the memory).
-        frozen = copy.deepcopy(model).to(compute_dtype(cfg.model.dtype, env.device))
-        reference = build_actor(frozen, cfg, env).eval()
-        reference.requires_grad_(False)
-    actor = build_actor(model, cfg, env)
-    optimizer, scheduler = build_optimizer(actor, cfg)
-
-    step, data_position = 0, 0
-    if resume_from is not None:
-        state = checkpoint.load(resume_from, actor, optimizer, scheduler=scheduler)
-        step, data_position = state["step"], state["trainer"].get("data_position", 0)
-        say(f"[mrt_fast.train] resumed from {resume_from} at step {step}"
-            + ("" if state["rng_restored"] else f" ({state['rng_note']})"))
-    if env.is_main and not export_only:
-        run_dir_policy.start_segment(cfg, run_dir, step, resumed=resume_from is not None)
-    engine = build_engine(cfg, rollout_model, tokenizer, env)
-    sync_engine(engine, actor)
-    # vLLM's sleep mode: the engine hands its GPU memory to the update and takes it back for the sync.
-    sleeps = cfg.rollout.engine == "vllm" and cfg.vllm.enable_sleep_mode
-
+def describe_run(cfg: RunConfig, run_dir: Path, env: DistEnv, *, export_only: bool = False) -> str:
+    """The start-up lines: where the outputs go and what the run will do."""
     if export_only:
-        path = export(run_dir, actor, rollout_model, tokenizer, env, name=f"hf-step_{step}")
-        say(f"[mrt_fast.train] HF export of step {step}: {path}")
-        destroy_distributed()
-        return {"run_dir": str(run_dir), "hf_export": str(path), "step": step}
-
-    # --- step loop -------------------------------------------------------------------------
-    data = DataStream(len(examples), seed=cfg.train.seed, shuffle=cfg.data.shuffle, position=data_position)
-    per_rank = cfg.train.global_batch_size // env.world_size
-    writer = MetricsWriter(run_dir, enabled=env.is_main, tensorboard=cfg.log.tensorboard)
-    bar = ProgressBar(cfg.train.steps, step, enabled=env.is_main and cfg.log.progress_bar)
-    timer = Timer()
-    stop = StopRequest()
-    last_metrics: dict[str, Any] = {}
-    status = "completed"
-    initial_eval = None
-    try:
-        if cfg.eval.before_training and eval_examples and step == 0:
-            initial_eval = evaluate(cfg, engine, tokenizer, eval_examples, grader, env)
-            writer.log(0, initial_eval)
-        while step < cfg.train.steps:
-            t0 = time.perf_counter()
-            indices = data.take(cfg.train.global_batch_size)[env.rank * per_rank:(env.rank + 1) * per_rank]
-            with timer("gen"):
-                plan = make_plan(cfg, [examples[i] for i in indices], engine, tokenizer, grader,
-                                 seed=step_seed(cfg.train.seed, step, env.rank))
-            plan, rollout_metrics = gather_plan(plan)
-            if sleeps:
-                engine.sleep(level=1)
-            with timer("update_actor"):
-                actor.train()
-                if plan.groups:
-                    update_metrics = update(actor, optimizer, plan, cfg, env, reference)
-                    optimizer.zero_grad(set_to_none=True)  # free the gradients: generation needs the memory
-                else:  # e.g. MRT-STaR kept no trace this step: nothing to train on
-                    update_metrics = {"actor/grad_norm": 0.0, "perf/total_num_tokens": 0.0,
-                                      "perf/packed_num_tokens": 0.0, "train/empty_step": 1.0}
-                lr = scheduler.get_last_lr()[0]
-                scheduler.step()
-            with timer("sync_weights"):
-                if sleeps:
-                    engine.wake_up(["weights"])  # weights first: no KV cache in memory during the sync
-                sync_engine(engine, actor)
-                if sleeps:
-                    engine.wake_up(["kv_cache"])
-            step += 1
-            # With vLLM, rollout_model is not what samples: check the engine's own weights.
-            digest = (check_rank_consistency(engine if cfg.rollout.engine == "vllm" else rollout_model, step)
-                      if cfg.log.check_weights else None)
-            elapsed = time.perf_counter() - t0
-            metrics = {**rollout_metrics, **update_metrics, "actor/lr": lr, **timer.pop()}
-            tokens = metrics["perf/total_num_tokens"]
-            metrics["perf/throughput"] = tokens / elapsed / env.world_size
-            metrics["perf/time_per_step"] = elapsed
-            # perf/model_flops: this GPU's share of the update's model FLOPs (no-grad forwards included), all
-            # inside the update_actor window.
-            util = mfu(metrics.get("perf/model_flops", 0.0) / max(metrics["timing_s/update_actor"], 1e-9))
-            if util is not None:
-                metrics["perf/mfu"] = util
-            if digest is not None:
-                metrics["debug/weights_sha256"] = digest
-            mem = max_memory_allocated_gb(env.device)
-            if mem is not None:
-                metrics["perf/max_memory_allocated_gb"] = mem
-            if cfg.eval.every and step % cfg.eval.every == 0 and eval_examples:
-                metrics.update(evaluate(cfg, engine, tokenizer, eval_examples, grader, env))
-            writer.log(step, metrics)
-            bar.update(step, metrics)
-            last_metrics = metrics
-            trainer_state = {"data_position": data.position}
-            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < cfg.train.steps:
-                checkpoint.save(run_dir, step, actor, optimizer, scheduler=scheduler,
-                                trainer_state=trainer_state, keep_last=cfg.checkpoint.keep_last)
-            if cfg.checkpoint.export_every and step % cfg.checkpoint.export_every == 0:
-                export(run_dir, actor, rollout_model, tokenizer, env, name=f"hf-step_{step}")
-            if stop.agreed():
-                status = "interrupted"
-                break
-    except NonFiniteError as exc:
-        last = checkpoint.latest(run_dir)
-        bar.close()
-        say(f"[mrt_fast.train] stopped at step {step + 1}: {exc}. Last good checkpoint: "
-            f"{last if last is not None else 'none (no checkpoint was written yet)'}")
-        writer.close()
-        stop.restore()
-        destroy_distributed()
-        raise SystemExit(1) from exc
-    finally:
-        stop.restore()
-    bar.close()
-
-    # --- finish ----------------------------------------------------------------------------
-    ckpt = checkpoint.save(run_dir, step, actor, optimizer, scheduler=scheduler,
-                           trainer_state={"data_position": data.position}, keep_last=cfg.checkpoint.keep_last)
-    summary: dict[str, Any] = {"run_dir": str(run_dir), "status": status, "step": step, "checkpoint": str(ckpt),
-                               "metrics": str(run_dir / "metrics.jsonl")}
-    if status == "completed":
-        if cfg.checkpoint.export_hf:
-            summary["hf_export"] = str(export(run_dir, actor, rollout_model, tokenizer, env, name="hf"))
-        if eval_examples:
-            result = evaluate(cfg, engine, tokenizer, eval_examples, grader, env)
-            writer.log(step, result)
-            summary["eval"] = result
-            if initial_eval is not None:
-                summary["eval_before"] = initial_eval
-            if env.is_main:
-                (run_dir / "eval.json").write_text(json.dumps(
-                    {"before": initial_eval, "after": result, "step": step}, indent=2) + "\n")
-    writer.close()
-    summary["last_metrics"] = {k: v for k, v in last_metrics.items() if isinstance(v, float)}
-    if env.is_main:
-        _print_summary(summary)
-    destroy_distributed()
-    return summary
+        return f"[mrt_fast.train] run directory: {run_dir}\n[mrt_fast.train] exporting checkpoint {cfg.resume}"
+    data = (f"the embedded task ({cfg.data.num_problems} generated problems)" if cfg.data.source == EMBEDDED
+            else f"{cfg.data.source}")
+    r, t = cfg.rollout, cfg.train
+    lines = [
+        f"run directory : {run_dir}",
+        f"model         : {_short(cfg.model.path)}",
+        f"task          : {data}, grader {grader_kind(cfg.data.grader, cfg.data.source)}",
+        f"algorithm     : {cfg.algo.name}" + (f" (alpha {cfg.algo.alpha:g})" if cfg.algo.name.startswith("mrt")
+                                                and cfg.algo.name != "mrt-star" else ""),
+        f"steps         : {t.steps} x {t.global_batch_size} prompts"
+        + ("" if cfg.algo.name == "sft" else f" x {r.n} traces of <= {r.max_new_tokens} tokens")
+        + f", lr {cfg.optim.lr:g}, on {env.world_size} process(es) ({env.device.type})",
+    ]
+    if cfg.eval.num_problems:
+        when = ("before and after training" if cfg.eval.before_training else "after training")
+        when += f", every {cfg.eval.every} steps" if cfg.eval.every else ""
+        lines.append(f"evaluation    : {_eval_label(cfg)} {when}, on {describe_eval_source(cfg)}")
+    else:
+        lines.append("evaluation    : none (eval.num_problems is 0)")
+    if cfg.resume is not None:
+        lines.append(f"resume        : {cfg.resume}")
+    return "\n".join(f"[mrt_fast.train] {line}" for line in lines)
 
 
-def export(run_dir: Path, actor: Actor, hf_model: nn.Module, tokenizer: Any, env: DistEnv, *, name: str) -> Path:
+def export(state: RunState, *, name: str) -> Path:
     """HF ``save_pretrained`` export of the current weights (collective; rank 0 writes)."""
-    state = full_state_dict(actor, cpu=True)
-    out = run_dir / name
-    if env.is_main:
-        checkpoint.export_hf(out, state, hf_model, tokenizer, strip_prefix="policy.")
+    weights = full_state_dict(state.actor, cpu=True)
+    out = state.run_dir / name
+    if state.env.is_main:
+        checkpoint.export_hf(out, weights, state.rollout_model, state.tokenizer, strip_prefix="policy.")
     barrier()
     return out
 
 
-def _print_summary(summary: dict[str, Any]) -> None:
-    lines = [f"[mrt_fast.train] {summary['status']} at step {summary['step']}",
-             f"  run directory : {summary['run_dir']}",
+def resume_command(run_dir: Path, world_size: int) -> str:
+    launcher = "python -m" if world_size == 1 else f"torchrun --nproc_per_node {world_size} -m"
+    return f"{launcher} mrt_fast.train --config {run_dir / 'config.yaml'} --resume auto"
+
+
+def summary_text(summary: dict[str, Any], cfg: RunConfig, *, world_size: int = 1) -> str:
+    run_dir = Path(summary["run_dir"])
+    lines = [f"[mrt_fast.train] {summary['status']} at step {summary['step']}"
+             + (f" ({summary['signal']})" if "signal" in summary else ""),
+             f"  run directory : {run_dir}",
              f"  metrics       : {summary['metrics']}",
              f"  checkpoint    : {summary['checkpoint']}"]
     if "hf_export" in summary:
         lines.append(f"  HF export     : {summary['hf_export']}")
+    if "curves" in summary:
+        lines.append(f"  curves        : {summary['curves']}")
+    if (run_dir / "tensorboard").is_dir():
+        lines.append(f"  TensorBoard   : tensorboard --logdir {run_dir / 'tensorboard'}")
     if "eval" in summary:
         def describe(ev: dict) -> str:
-            regret = ", ".join(f"regret@{k.split('@')[1]} {v:.3f}" for k, v in ev.items() if k.startswith("eval/regret@"))
-            return (f"accuracy {ev['eval/accuracy']:.3f}, mean response tokens "
+            budgets = sorted(int(k.split("@")[1]) for k in ev if k.startswith("eval/regret@"))
+            regret = ", ".join(f"regret@{b} {ev[f'eval/regret@{b}']:.3f}" for b in budgets)
+            return (f"{ev['eval/accuracy']:.3f}, mean response tokens "
                     f"{ev['eval/response_length/mean']:.1f}" + (f", {regret}" if regret else ""))
 
+        lines.append(f"  evaluation    : {_eval_label(cfg)} on {describe_eval_source(cfg)}")
         if "eval_before" in summary:
-            lines.append(f"  eval (start)  : {describe(summary['eval_before'])}")
-        lines.append(f"  eval (end)    : {describe(summary['eval'])}")
-        lines.append(f"  eval summary  : {Path(summary['run_dir']) / 'eval.json'}")
-    print("\n".join(lines), flush=True)
+            lines.append(f"    before      : {describe(summary['eval_before'])}")
+        lines.append(f"    after       : {describe(summary['eval'])}")
+        lines.append(f"    summary     : {run_dir / 'eval.json'}")
+    if summary["status"] == "interrupted":
+        lines.append(f"  resume with   : {resume_command(run_dir, world_size)}")
+    return "\n".join(lines)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    """Exit codes: 0 done, 1 non-finite loss, 2 bad config / data / checkpoint, 128 + N stopped by signal N."""
     try:
         args = parse_args(argv)
+        if args.dry_run:
+            preflight(args.config)
     except (ValueError, TypeError) as exc:
         print(f"mrt_fast.train: config error: {exc}", file=sys.stderr)
         return 2
     if args.dry_run:
         print(dump(args.config), end="")
-        print("[mrt_fast.train] dry run: the config is valid; nothing was run.")
+        print("[mrt_fast.train] dry run: the config is valid, its paths exist and its packages are installed; "
+              "nothing was run.")
         return 0
     try:
-        run(args.config, export_only=args.export_only, allow_config_change=args.allow_config_change)
+        summary = run(args.config, export_only=args.export_only, allow_config_change=args.allow_config_change)
     except (ValueError, TypeError, ImportError, checkpoint.CheckpointError) as exc:  # ImportError: vllm missing or unsupported
         print(f"mrt_fast.train: error: {exc}", file=sys.stderr)
         destroy_distributed()
         return 2
+    except KeyboardInterrupt:  # a second Ctrl-C: no checkpoint of the current step
+        print("mrt_fast.train: stopped at once by a second Ctrl-C; --resume auto continues from the last "
+              "checkpoint written before it", file=sys.stderr)
+        return 128 + signal.SIGINT.value
+    if summary.get("status") == "interrupted":
+        return 128 + signal.Signals[summary.get("signal", "SIGINT")].value
     return 0
 
 

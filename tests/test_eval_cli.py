@@ -1,5 +1,6 @@
 """`python -m mrt_fast.eval` end to end on a tiny random model saved like a trainer run, and its errors."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -8,6 +9,9 @@ import pytest
 import torch
 
 from mrt_fast.eval import main, normalized_regret, pass_at_k
+
+needs_math_verify = pytest.mark.skipif(importlib.util.find_spec("math_verify") is None,
+                                       reason="the math grader needs the optional math-verify package")
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +68,8 @@ def test_eval_writes_json_and_plots_with_consistent_numbers(run_dir, tmp_path):
     "extra, message",
     [
         (["--prompt-column", "prompt"], "missing column"),
-        (["--prompt-column", "question", "--grader", "math", "--ks", "0"], "k must be >= 1"),
+        pytest.param(["--prompt-column", "question", "--grader", "math", "--ks", "0"], "k must be >= 1",
+                     marks=needs_math_verify),
         (["--prompt-column", "question", "--n", "0"], "--n must be >= 1"),
         (["--prompt-column", "question", "--ks", "3", "--n", "2"], "k=3 needs at least k samples"),
     ],
@@ -75,6 +80,7 @@ def test_eval_bad_input_is_a_clear_error(run_dir, tmp_path, capsys, extra, messa
     assert rc == 2 and message in capsys.readouterr().err
 
 
+@needs_math_verify
 @pytest.mark.parametrize("answer", ["  ", None])
 def test_eval_ungradeable_answers_are_rejected_before_sampling(run_dir, tmp_path, capsys, answer):
     data = tmp_path / "bad.jsonl"
@@ -84,6 +90,35 @@ def test_eval_ungradeable_answers_are_rejected_before_sampling(run_dir, tmp_path
     assert rc == 2 and "row 1" in capsys.readouterr().err
 
 
-def test_module_entry_point_runs():
+def test_module_entry_point_runs_and_help_shows_the_trainers_defaults():
+    from mrt_fast.config import EvalConfig
+
     proc = subprocess.run([sys.executable, "-m", "mrt_fast.eval", "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "--forcing-budget" in proc.stdout
+    text = " ".join(proc.stdout.split())  # argparse wraps lines
+    defaults = EvalConfig()
+    for flag, value in (("--temperature TEMPERATURE", defaults.temperature), ("--top-p TOP_P", defaults.top_p),
+                        ("--n N", defaults.samples), ("--max-new-tokens MAX_NEW_TOKENS", defaults.max_new_tokens),
+                        ("--num-problems NUM_PROBLEMS", defaults.num_problems)):
+        after = text[text.index(flag + " "):]
+        assert f"(default: {value})" in after[:300], flag
+    assert "(default: None)" not in text
+
+
+def test_eval_prints_plot_paths_and_labels_the_accuracy(run_dir, tmp_path, capsys):
+    out = tmp_path / "ev"
+    rc = main(["--model", str(run_dir), "--dataset", str(run_dir / "data.jsonl"), "--prompt-column", "question",
+               "--grader", "exact", "--n", "1", "--temperature", "0", "--max-new-tokens", "8", "--meta-k", "1",
+               "--meta-max-new-tokens", "2", "--out", str(out), "--no-progress"])
+    printed = capsys.readouterr().out
+    assert rc == 0
+    assert "pass@1 (greedy, 1 sample, 8 tokens): " in printed
+    for name in ("eval.json", "regret_curve.png", "regret.png"):
+        assert f"wrote {out / name}" in printed
+
+
+def test_run_directory_without_any_export_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    assert main(["--model", str(tmp_path / "run"), "--out", str(tmp_path / "ev"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "no hf/ or hf-step_N/ export" in err and "--resume auto --export-only" in err

@@ -27,7 +27,7 @@ def cases(run_dir, tmp_path):  # noqa: F811
     cases = {
         "model missing": (["--model", "/nonexistent/model"], "--model /nonexistent/model: no such directory"),
         "model a file": (["--model", str(tmp_path / "a_file")], "not a directory"),
-        "model without config": (["--model", str(tmp_path / "empty")], "no config.json there and no hf/ export"),
+        "model without config": (["--model", str(tmp_path / "empty")], "no config.json there, and no hf/ or hf-step_N/ export"),
         "model without tokenizer": (["--model", str(tmp_path / "config_only")], "has a model config but no tokenizer"),
         "out an existing file": (["--out", str(tmp_path / "a_file")], "exists and is not a directory"),
         "device nonsense": (["--device", "gpu0"], "--device 'gpu0': not a device name"),

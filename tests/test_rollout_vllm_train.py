@@ -43,7 +43,7 @@ def test_an_mrt_rl_step_with_the_vllm_engine_in_sleep_mode(tmp_path, monkeypatch
 
 
 @pytest.mark.parametrize("override, message", [
-    (["--vllm.gpu_memory_utilization", "1.5"], "vllm.gpu_memory_utilization must be in"),
+    (["--vllm.gpu_memory_utilization", "1.5"], "vllm.gpu_memory_utilization must lie in"),
     (["--vllm.max_model_len", "32"], "vllm.max_model_len .32. must exceed rollout.max_new_tokens"),
     (["--vllm.dtype", "fp8"], "vllm.dtype must be one of"),
     (["--model.attn_backend", "flash_varlen", "--model.dtype", "float32"], "flash_varlen needs model.dtype"),

@@ -34,7 +34,7 @@ def test_rerun_without_resume_is_refused_and_changes_nothing(assets, tmp_path, c
     assert "already holds a run (config.yaml, metrics.jsonl, checkpoints/step_1, checkpoints/step_2)" in err
     assert "--resume auto" in err and "new --output-dir" in err
     assert cli(assets, tmp_path, "--export-only") == 2
-    assert "--export-only without --resume would export the initial weights" in capsys.readouterr().err
+    assert "--export-only exports a checkpoint: add --resume auto" in capsys.readouterr().err
     assert snapshot(tmp_path) == before
 
 

@@ -3,11 +3,15 @@
 Multi-rank runs of every algorithm are in test_train_distributed.py.
 """
 
+import importlib.util
 import json
 import math
 import os
 import random
+import re
 import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -36,15 +40,19 @@ def assets(tmp_path_factory):
     return root
 
 
-def sft_config(assets, out, steps=3, **extra):
+def sft_argv(assets, out, steps=3, **extra):
     argv = ["--model.path", str(assets / "model"), "--data.source", str(assets / "data.jsonl"),
             "--algo.name", "sft", "--train.steps", str(steps), "--train.global_batch_size", "2",
             "--train.mini_batch_size", "2", "--optim.lr", "1e-3", "--eval.num_problems", "0",
-            "--log.progress_bar", "false", "--checkpoint.every", "1", "--checkpoint.export_hf", "false",
-            "--output-dir", str(out)]
+            "--log.progress_bar", "false", "--log.plots", "false", "--checkpoint.every", "1",
+            "--checkpoint.export_hf", "false", "--output-dir", str(out)]
     for key, value in extra.items():
         argv += [f"--{key}", str(value)]
-    return parse_args(argv).config
+    return argv
+
+
+def sft_config(assets, out, steps=3, **extra):
+    return parse_args(sft_argv(assets, out, steps, **extra)).config
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(assets, tmp_path, monkeypatch, capsys):
@@ -86,7 +94,7 @@ def test_non_finite_gradient_is_caught_before_the_update():
     assert env.world_size == 1
 
 
-def test_ctrl_c_checkpoints_at_the_end_of_the_step_and_resume_continues(assets, tmp_path, monkeypatch):
+def test_ctrl_c_checkpoints_at_the_end_of_the_step_and_resume_continues(assets, tmp_path, monkeypatch, capsys):
     sync = train.sync_engine
     calls = {"n": 0}
 
@@ -97,8 +105,11 @@ def test_ctrl_c_checkpoints_at_the_end_of_the_step_and_resume_continues(assets, 
             os.kill(os.getpid(), signal.SIGINT)
 
     monkeypatch.setattr(train, "sync_engine", sync_then_interrupt)
-    summary = train.run(sft_config(assets, tmp_path, steps=5, **{"checkpoint.every": 0}))
-    assert summary["status"] == "interrupted" and summary["step"] == 1
+    rc = train.main(sft_argv(assets, tmp_path, steps=5, **{"checkpoint.every": 0}))
+    out = capsys.readouterr().out
+    assert rc == 130  # 128 + SIGINT: a scheduler can tell it from a finished run
+    assert "interrupted at step 1 (SIGINT)" in out
+    assert f"resume with   : python -m mrt_fast.train --config {tmp_path / 'config.yaml'} --resume auto" in out
     assert checkpoint.latest(tmp_path) == tmp_path / "checkpoints" / "step_1"
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
 
@@ -107,23 +118,68 @@ def test_ctrl_c_checkpoints_at_the_end_of_the_step_and_resume_continues(assets, 
     assert summary["status"] == "completed" and summary["step"] == 2
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
 
-    # --export-only: an HF export of the latest checkpoint, no training
+    # --export-only: an HF export of the latest checkpoint, no training; eval --model <run dir> finds it
     summary = train.run(sft_config(assets, tmp_path, resume="auto"), export_only=True)
     exported = transformers.AutoModelForCausalLM.from_pretrained(summary["hf_export"])
     assert summary["step"] == 2 and exported.config.hidden_size == 32
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
+    from mrt_fast.eval.cli import find_export
+
+    assert find_export(tmp_path) == tmp_path / "hf-step_2"
+
+
+def test_export_only_refuses_without_a_checkpoint(assets, tmp_path, capsys):
+    assert train.main(sft_argv(assets, tmp_path) + ["--export-only"]) == 2
+    assert "--export-only exports a checkpoint: add --resume auto" in capsys.readouterr().err
+    assert train.main(sft_argv(assets, tmp_path, resume="auto") + ["--export-only"]) == 2
+    assert "has no checkpoint to export" in capsys.readouterr().err
+    assert not list(tmp_path.glob("hf*"))
 
 
 @pytest.mark.parametrize("override, message", [
-    ({"data.prompt_column": "question"}, r"has no column\(s\) \['question'\]"),
+    ({"data.prompt_column": "question"}, r"is missing column\(s\) \['question'\].*set data.prompt_column"),
     ({"data.source": "/no/such.jsonl"}, r"data.source='/no/such.jsonl' does not exist"),
     ({"model.path": "/no/such/model"}, r"model.path='/no/such/model' does not exist"),
+    ({"eval.num_problems": 16}, r"has 16 rows: too few to hold out eval.num_problems=16"),
 ])
 def test_bad_inputs_fail_before_any_compute(assets, tmp_path, override, message):
     with pytest.raises(ValueError, match=message):
         train.run(sft_config(assets, tmp_path, **override))
     train.destroy_distributed()
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("lines, grader, message", [
+    (['{"prompt": "p", "answer": "1", "response": "r"}', '{"prompt": "q", "answer": '], "exact",
+     r"data.source='.*bad.jsonl': line 2 is not valid JSON"),
+    (['{"prompt": "p", "answer": "1", "response": "r"}', '[1, 2]'], "exact", r"line 2 is not a JSON object"),
+    (['{"prompt": "p", "answer": "1", "response": "r"}', '{"prompt": "q", "answer": null, "response": "r"}'],
+     "exact", r"row 1 has no usable 'answer' value"),
+    pytest.param(['{"prompt": "p", "answer": "1/2", "response": "r"}', '{"prompt": "q", "answer": "}{", "response": "r"}'],
+                 "math", r"data.grader='math' cannot grade 1 answer\(s\) of data.source=.*row 1: ",
+                 marks=pytest.mark.skipif(importlib.util.find_spec("math_verify") is None,
+                                          reason="the math grader needs the optional math-verify package")),
+])
+def test_bad_data_rows_are_found_at_load_naming_the_config_key(assets, tmp_path, lines, grader, message, capsys):
+    data = tmp_path / "bad.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    argv = sft_argv(assets, tmp_path / "run", **{"data.source": data, "data.grader": grader})
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err), err
+    assert "Traceback" not in err and not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_held_out_rows_of_a_data_file_are_not_trained_on(assets, tmp_path):
+    from mrt_fast.data.problems import describe_eval_source, load_eval_examples, load_examples
+
+    cfg = sft_config(assets, tmp_path, **{"eval.num_problems": 4})
+    train_rows, eval_rows = load_examples(cfg), load_eval_examples(cfg)
+    assert len(train_rows) == 12 and len(eval_rows) == 4
+    assert not {ex.prompt for ex in train_rows} & {ex.prompt for ex in eval_rows}
+    assert "last 4 rows" in describe_eval_source(cfg) and "held out of training" in describe_eval_source(cfg)
+    cfg = sft_config(assets, tmp_path, **{"eval.num_problems": 4, "eval.source": assets / "data.jsonl"})
+    assert len(load_examples(cfg)) == 16 and len(load_eval_examples(cfg)) == 4  # a separate source: nothing held out
 
 
 def test_unloadable_model_dir_and_incompatible_checkpoint(assets, tmp_path):
@@ -177,20 +233,59 @@ def test_lr_schedule_warmup_then_cosine_or_constant():
 WARM_START = train.Path(train.__file__).parent / "data" / "assets" / "tiny" / "model.safetensors"
 
 
+# The default job's code path must not import these (the GPU image lacks them); `import x` fails
+# for a module whose sys.modules entry is None.
+NO_OPTIONAL_PACKAGES = """
+import sys
+for name in ("datasets", "math_verify"):
+    sys.modules[name] = None
+from mrt_fast.train import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 @pytest.mark.skipif(not WARM_START.is_file(), reason="the warm-started tiny checkpoint is not shipped yet")
 def test_embedded_default_job_runs_end_to_end_in_small(tmp_path):
-    """The no-argument job (embedded warm start, synthetic task, MRT-RL, evaluation), shrunk."""
-    cfg = parse_args(["--train.steps", "1", "--train.global_batch_size", "2", "--train.mini_batch_size", "2",
-                      "--rollout.n", "2", "--rollout.max_new_tokens", "64", "--rollout.meta_k", "2",
-                      "--eval.num_problems", "2", "--eval.max_new_tokens", "64", "--eval.meta_k", "2",
-                      "--log.progress_bar", "false", "--output-dir", str(tmp_path)]).config
-    assert cfg.algo.name == "mrt-rl" and cfg.model.path == "embedded"
-    summary = train.run(cfg)
-    assert summary["status"] == "completed"
+    """The no-argument job (embedded warm start, synthetic task, MRT-RL, evaluation), shrunk, without
+    datasets or math-verify: it prints its directory and plan first, shows its own evaluation bars,
+    writes the curves PNG, and its evaluation equals python -m mrt_fast.eval's with the same settings."""
+    small = ["--train.steps", "1", "--train.global_batch_size", "2", "--train.mini_batch_size", "2",
+             "--rollout.n", "2", "--rollout.max_new_tokens", "64", "--rollout.meta_k", "2",
+             "--eval.num_problems", "2", "--eval.samples", "2", "--eval.max_new_tokens", "64", "--eval.meta_k", "2",
+             "--log.tensorboard", "false", "--output-dir", str(tmp_path)]
+    assert parse_args(small).config.algo.name == "mrt-rl" and parse_args(small).config.model.path == "embedded"
+    proc = subprocess.run([sys.executable, "-c", NO_OPTIONAL_PACKAGES, *small], capture_output=True, text=True,
+                          timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first = proc.stdout.splitlines()[:6]
+    assert first[0] == f"[mrt_fast.train] run directory : {tmp_path}"
+    assert first[1].startswith("[mrt_fast.train] model         : the shipped tiny warm start")
+    assert "algorithm     : mrt-rl" in first[3] and "steps         : 1 x 2 prompts" in first[4]
+    assert "evaluation    : pass@1 (T=0.6, top-p 0.95, 2 samples, 64 tokens) before and after" in first[5]
+    assert "eval before training" in proc.stderr and "eval after training" in proc.stderr  # their own bars
+    assert proc.stderr.index("eval before training") < proc.stderr.index("train:")
     rows = read_metrics(tmp_path)
     assert [r["step"] for r in rows] == [0, 1, 1]  # eval before, the step, eval after
     assert "reward/progress/mean" in rows[1] and 0 <= rows[2]["eval/accuracy"] <= 1
-    assert (tmp_path / "hf" / "model.safetensors").is_file() and (tmp_path / "eval.json").is_file()
+    assert (tmp_path / "hf" / "model.safetensors").is_file()
+    assert (tmp_path / "training_curves.png").stat().st_size > 10_000
+    assert f"curves        : {tmp_path / 'training_curves.png'}" in proc.stdout
+    trainer_eval = json.loads((tmp_path / "eval.json").read_text())
+    assert trainer_eval["label"] == "pass@1 (T=0.6, top-p 0.95, 2 samples, 64 tokens)"
+
+    # The same model, problems and settings through python -m mrt_fast.eval: the same numbers.
+    from mrt_fast.eval import main as eval_main
+
+    assert eval_main(["--model", str(tmp_path), "--num-problems", "2", "--n", "2", "--max-new-tokens", "64",
+                      "--meta-k", "2", "--seed", "0", "--no-progress", "--no-plots", "--out", str(tmp_path / "ev")]) == 0
+    cli = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    after = trainer_eval["after"]
+    assert cli["label"] == trainer_eval["label"]
+    assert after["eval/accuracy"] == pytest.approx(cli["pass@1"], abs=1e-12)
+    assert after["eval/response_length/mean"] == pytest.approx(cli["mean_tokens"], abs=1e-12)
+    assert after["eval/J_at_empty_prefix"] == pytest.approx(cli["J_at_empty_prefix"], abs=1e-12)
+    for budget, regret in cli["regret"].items():
+        assert after[f"eval/regret@{budget}"] == pytest.approx(regret, abs=1e-12)
 
 
 @pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
@@ -238,3 +333,37 @@ def test_a_local_model_dir_keeps_its_own_tokenization(assets, tmp_path):
     text = "Find the key whose value is 7.\nKeys: b, k, e.<think>\nLet me try k.\n\nk1."
     expected = build_tiny_tokenizer()(text, add_special_tokens=False)["input_ids"]
     assert tokenizer(text, add_special_tokens=False)["input_ids"] == expected
+
+
+def test_training_curves_plot_every_logged_series(tmp_path, capsys):
+    from mrt_fast.curves import main as curves_main, series, write_training_curves
+    from mrt_fast.metrics import MetricsWriter
+
+    assert write_training_curves(tmp_path) is None  # nothing logged yet
+    writer = MetricsWriter(tmp_path, enabled=True, tensorboard=False)
+    writer.log(0, {"eval/accuracy": 0.25})
+    for step in (1, 2, 3):
+        writer.log(step, {"reward/mean": 0.1 * step, "response_length/mean": 100.0 + step, "actor/grad_norm": 1.0,
+                          "actor/entropy": float("nan") if step == 2 else 0.5})
+    writer.log(3, {"eval/accuracy": 0.5})
+    writer.close()
+    rows = read_metrics(tmp_path)
+    assert series(rows, "eval/accuracy") == ([0, 3], [0.25, 0.5])
+    assert series(rows, "actor/entropy") == ([1, 3], [0.5, 0.5])  # a non-finite value is skipped, not drawn
+    assert curves_main([str(tmp_path)]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote {tmp_path / 'training_curves.png'}"
+    assert (tmp_path / "training_curves.png").stat().st_size > 10_000
+    assert curves_main([str(tmp_path / "nothing")]) == 2
+
+
+def test_periodic_evaluation_on_held_out_rows_with_progress_bars(assets, tmp_path, capsys):
+    cfg = sft_config(assets, tmp_path, steps=2, **{"eval.num_problems": 2, "eval.every": 1, "eval.samples": 1,
+                                                   "eval.max_new_tokens": 6, "eval.meta_k": 1,
+                                                   "eval.meta_max_new_tokens": 2, "eval.before_training": "false",
+                                                   "log.progress_bar": "true"})
+    summary = train.run(cfg)
+    rows = read_metrics(tmp_path)
+    assert [(r["step"], "eval/accuracy" in r) for r in rows] == [(1, True), (2, True), (2, True)]  # + the final one
+    assert summary["eval"]["eval/accuracy"] == rows[-1]["eval/accuracy"]
+    err = capsys.readouterr().err
+    assert "eval at step 1" in err and "eval at step 2" in err and "eval after training" in err

@@ -95,7 +95,7 @@ def test_mrt_rl_two_ranks_and_resume_gives_the_same_next_step(assets, tmp_path):
     # (log.check_weights compares per-rank digests and would have failed the run otherwise).
     assert len({r["debug/weights_sha256"] for r in rows}) == 3
     assert rows[0]["packing/prefix_dedup_ratio"] > 1.0  # MRT-RL continuations share their prefix
-    assert "HF export" in proc.stdout and "eval (end)" in proc.stdout
+    assert "HF export" in proc.stdout and "    after       : " in proc.stdout
 
     resumed = tmp_path / "resumed"
     launch(common_args(assets, resumed, "mrt-rl", 3) + ["--resume", str(full / "checkpoints" / "step_2")])

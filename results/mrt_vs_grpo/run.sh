@@ -25,7 +25,7 @@ train() {  # algo seed extra-args...
 evaluate() {  # model-or-run-dir; writes <dir>/eval (run dirs) or $RUNS/warm-start/eval
   local model=$1 out=$1/eval
   [ "$model" = embedded ] && out=$RUNS/warm-start/eval
-  python -m mrt_fast.eval --model "$model" --num-problems 64 --n 4 --meta-k 4 \
+  python -m mrt_fast.eval --model "$model" --num-problems 64 --n 4 --meta-k 4 --max-new-tokens 256 \
       --budgets 64,128,192,256 --seed 0 --no-progress --out "$out" > "$out.log" 2>&1
 }
 

@@ -13,7 +13,7 @@ w.r.t. the hidden states and the LM head, at the same shape:
 * ``lm_head_matmul``   - torch's own LM-head matmul forward + backward (the floor we compare to)
 
 ``extra_info`` records TFLOP/s counted as 8*N*H*V (forward 2NHV + backward 6NHV with
-recomputation, the convention of the issue, whatever FLOPs an implementation really spends),
+recomputation: one convention for all, whatever FLOPs an implementation really spends),
 the ratio of the time to ``lm_head_matmul`` at the same shape, and on CUDA the peak memory
 above the inputs and their gradients. GPU shapes are bf16 and skip without CUDA (reason stated); the CPU shapes
 are small, fp32, and run on the PyTorch paths.

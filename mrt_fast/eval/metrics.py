@@ -101,7 +101,7 @@ def normalized_regret(
     """Normalised cumulative regret at ``budget``: ``oracle - area_under_curve / budget``.
 
     ``tokens[j]`` are the tokens spent up to episode boundary ``j`` and ``pass_at_1[j]`` the
-    meta-prover's pass@1 there (DESIGN.md §2). ``oracle`` is ``J*`` (1.0: always right).
+    meta-prover's pass@1 there (docs/mrt.md). ``oracle`` is ``J*`` (1.0: always right).
     """
     if not math.isfinite(oracle):
         raise ValueError(f"oracle must be finite, got {oracle}")

@@ -19,7 +19,7 @@ sizes); grids are 1-D over token blocks (forward, dh) or vocab blocks (dW), so t
 65,535 limit. fp32 operands follow ``torch.get_float32_matmul_precision()`` like torch's own
 matmuls ("highest", the default: full fp32 via ``input_precision="ieee"``; "high"/"medium":
 tf32, ~3e-4 relative error); bf16/fp16 operands go to tensor cores with fp32 accumulation. Under ``TRITON_INTERPRET=1`` ``UPCAST`` turns every dot
-operand into fp32, because the interpreter's bf16 ``tl.dot`` returns wrong values (DESIGN.md §5).
+operand into fp32, because the interpreter's bf16 ``tl.dot`` returns wrong values (seen with triton 3.9).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Episodes: splitting a reasoning trace into the units MRT rewards.
 
-The open-ended parameterisation of MRT (DESIGN.md §2, as in the authors' analysis code):
+The open-ended parameterisation of MRT (as in the authors' analysis code, docs/mrt.md):
 
 1. The thinking text is split on ``"\\n\\n"`` into paragraphs.
 2. A paragraph that *starts* with an exploration cue ("Wait", "Alternatively", ...) starts a new
@@ -34,7 +34,7 @@ from typing import Any, Protocol, Sequence
 
 from mrt_fast.data.chat import CUES, PARAGRAPH_SEP, THINK_END, THINK_START
 
-# The authors' cue list (DESIGN.md §2), shared with the task that writes the traces.
+# The authors' cue list, shared with the task that writes the traces.
 DEFAULT_CUES: tuple[str, ...] = CUES
 DEFAULT_MIN_GAP = 2
 # The authors used 45-99 cuts; 49 is the value of their published splitting notebook.

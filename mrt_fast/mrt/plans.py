@@ -1,7 +1,7 @@
 """Training plans: what to sample, how to reward it, and the groups the packer consumes.
 
 Each RL plan samples through the rollout engine protocol (``generate`` / ``fork`` /
-``branch_at_boundaries``, CONTRACTS.md §3), grades answers, and returns an :class:`RLPlan`:
+``branch_at_boundaries``, docs/contracts.md), grades answers, and returns an :class:`RLPlan`:
 
 - ``groups``: :class:`mrt_fast.packing.PrefixGroup` s (one shared prefix, several continuations)
   with loss masks (forced-termination text masked) and episode ids that are unique over the

@@ -460,9 +460,6 @@ class Plan:
     metrics: dict[str, float]
 
 
-RL_ALGORITHMS = ("grpo", "mrt-rl", "mrt-online")
-
-
 def step_seed(seed: int, step: int, rank: int) -> int:
     """The sampling seed of one rank's step: a hash, so no two (seed, step, rank) share one."""
     from mrt_fast.rollout.sampling import stream_seed
@@ -775,8 +772,9 @@ def evaluate(state: RunState, *, desc: str, leave: bool = True) -> dict[str, flo
     """Evaluate the engine's current policy on the evaluation problems (``mrt_fast.eval.settings``).
 
     Each rank evaluates a share of the problems with the sampling seed ``train.seed`` (a sample's
-    random stream depends only on the seed and its index, so the split does not change the
-    numbers); scalars are reduced over ranks. Rank 0 shows its own progress bar.
+    random stream depends on the seed, its prompt and its index, not on the other prompts of the
+    batch, so the split over ranks does not change the numbers; only a prompt repeated in one rank's
+    share draws a fresh stream per repeat); scalars are reduced over ranks. Rank 0 shows its own progress bar.
     """
     from mrt_fast.eval.settings import eval_settings, evaluate_problems
 

@@ -46,8 +46,10 @@ class SamplingParams:
             keep every token up to and including the one that completed it. Needs a tokenizer.
         stop_token_ids: token ids that end a sample (finish reason "stop"); the token is kept.
         seed: makes sampling reproducible. Sample `j` of a prompt draws from a random stream
-            named by `(seed, the prompt's token ids, j)` (HF engine), so results do not depend on
-            what else is in the batch and different prompts never share random numbers. None
+            named by `(seed, the prompt's token ids, its occurrence in the call, j)` (the vLLM
+            engine derives one seed per request the same way), so results do not depend on what
+            else is in the batch, and no two prompts, nor two copies of one prompt in a call,
+            share random numbers. None
             draws a fresh base seed from torch's global generator per call (so
             `torch.manual_seed` also makes a call reproducible).
         ignore_eos: keep generating after the model's EOS token (benchmarks use this).

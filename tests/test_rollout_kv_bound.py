@@ -60,7 +60,7 @@ def test_config_key_reaches_the_trainers_engine(model):
     from mrt_fast.config import from_dict
     from mrt_fast.train import build_engine
 
-    engine = build_engine(from_dict({"rollout": {"max_kv_tokens": 100}}), model, None)
+    engine = build_engine(from_dict({"rollout": {"max_kv_tokens": 100}}), model, None, None)  # env: vllm only
     assert engine.max_kv_tokens == 100
     with pytest.raises(ValueError, match="rollout.max_kv_tokens"):
         from_dict({"rollout": {"max_kv_tokens": 0}})

@@ -57,6 +57,7 @@ class DataConfig:
     response_column: str = "response"  # used by sft: the assistant text to imitate
     grader: str = "auto"  # auto (the embedded task's own; math for files) | math (last \boxed{}) | exact
     num_problems: int = 512  # size of the generated embedded training set
+    task: str = "chain"  # embedded task variant: chain (in-context key search) | recall (fixed facts)
     difficulty: Optional[int] = None  # embedded task difficulty (None = the task's default)
     shuffle: bool = True
 

@@ -75,7 +75,7 @@ def load_examples(cfg: RunConfig, *, held_out: bool = False) -> list[Example]:
         seed = cfg.train.seed + (EVAL_SEED_OFFSET if held_out else 0)
         n = cfg.eval.num_problems if held_out else data.num_problems
         kwargs = {} if data.difficulty is None else {"difficulty": data.difficulty}
-        problems = synthetic.generate_problems(n, seed=seed, **kwargs)
+        problems = synthetic.generate_problems(n, seed=seed, task=data.task, **kwargs)
         rng = random.Random(seed)
         need_response = cfg.algo.name == "sft" and not held_out
         return [Example(p.prompt, p.answer, synthetic.sft_trace(p, rng) if need_response else None)

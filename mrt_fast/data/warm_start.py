@@ -52,12 +52,12 @@ class WarmStartConfig:
     """Everything that determines the warm-started checkpoint."""
 
     task: str = DEFAULT_TASK
-    drill_steps: int = 1500  # phase 1
-    drill_batch_size: int = 32
+    drill_steps: int = 700  # phase 1
+    drill_batch_size: int = 16
     drill_lookups: int = 24  # lookups per drill example
     drill_lr: float = 3e-3
     drill_min_links: int = 2  # drills list between this many links and all of a problem's links
-    steps: int = 600  # phase 2: traces
+    steps: int = 150  # phase 2: traces
     batch_size: int = 16
     lr: float = 1e-3
     drill_share: float = 0.25  # fraction of every phase-2 batch that is drills

@@ -52,12 +52,12 @@ class WarmStartConfig:
     """Everything that determines the warm-started checkpoint."""
 
     task: str = DEFAULT_TASK
-    drill_steps: int = 700  # phase 1
+    drill_steps: int = 400  # phase 1
     drill_batch_size: int = 16
     drill_lookups: int = 24  # lookups per drill example
     drill_lr: float = 3e-3
     drill_min_links: int = 2  # drills list between this many links and all of a problem's links
-    steps: int = 150  # phase 2: traces
+    steps: int = 500  # phase 2: traces
     batch_size: int = 16
     lr: float = 1e-3
     drill_share: float = 0.25  # fraction of every phase-2 batch that is drills
@@ -305,8 +305,8 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
-    report = {"config": asdict(cfg), "final_loss": history[-1]["loss"],
-              "train_seconds": sum(h["seconds"] for h in history if h["step"] == (cfg.drill_steps if h["phase"] == "drills" else cfg.steps))}
+    phase_seconds = {h["phase"]: h["seconds"] for h in history}  # each phase's clock, at its last step
+    report = {"config": asdict(cfg), "final_loss": history[-1]["loss"], "train_seconds": sum(phase_seconds.values())}
     if cfg.eval_problems:
         from .task_probe import hop_accuracy
 

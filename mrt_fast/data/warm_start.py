@@ -8,8 +8,9 @@ batch freshly generated (no epoch, no overfitting to a fixed set), AdamW with wa
 decay in each:
 
 1. recall drills: a problem's prompt, then many single lookups written as the traces write a
-   step (``e b.``), with the loss only on the looked-up letter. A tiny model trained on whole
-   traces does not learn to read the prompt (docs/data.md); drilling the lookup alone does.
+   step (``e b.``), with the loss only on the looked-up letter. Trained on whole traces alone, a
+   tiny model did not learn to read values from the prompt; drills on the lookup alone did
+   (docs/data.md gives both measurements and how many drill steps that takes).
 2. trace fine-tuning: cross-entropy on the whole assistant turn of warm-start traces
    (``synthetic.sft_trace``), with a share of drills mixed into every batch.
 """

@@ -19,6 +19,7 @@ from mrt_fast.data import (
     tiny_model_config,
 )
 from mrt_fast.data.synthetic import (
+    CHAIN_LINKS,
     DEFAULT_DIFFICULTY,
     GRADER_KIND,
     MAX_DIFFICULTY,
@@ -65,7 +66,7 @@ def test_chain_problem_structure_and_difficulty_knob(difficulty):
         assert target not in keys
         listed = ", ".join(f"{a} {b}" for a, b in links.items())
         assert p.prompt == f"Links: {listed}.\nWhich of {', '.join(keys)} reaches {target} in {hops} steps?"
-        assert len(links) >= min(14, len(links))
+        assert len(links) >= CHAIN_LINKS
 
 
 def test_chain_maps_are_not_one_to_one_and_do_not_point_at_the_answer():

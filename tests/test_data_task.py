@@ -281,6 +281,14 @@ def test_load_tokenizer_keeps_the_tiny_tokenizer_next_to_a_qwen2_config(tokenize
     assert load_tokenizer(ASSETS_DIR)(text)["input_ids"] == tokenizer(text)["input_ids"]
 
 
+def test_shipped_tokenizer_matches_the_code(tokenizer):
+    shipped = load_tiny_tokenizer()
+    assert shipped.get_vocab() == tokenizer.get_vocab()
+    text = sft_trace(generate_problems(1, seed=9)[0], random.Random(0))
+    assert shipped(text)["input_ids"] == tokenizer(text)["input_ids"]
+    assert shipped.chat_template == tokenizer.chat_template
+
+
 def _same_tokenization(loaded, tokenizer):
     rng = random.Random(2)
     texts = [chat_prompt_text(p.prompt) + sft_trace(p, rng) + "<|im_end|>" for p in generate_problems(8, seed=6)]

@@ -41,10 +41,10 @@ from .warm_start import (
     EVAL_SEED,
     IGNORE_INDEX,
     WarmStartConfig,
-    _fit,
     collate,
     encode_drill,
     encode_example,
+    fit_phase,
     sample_responses,
     task_accuracy,
 )
@@ -203,7 +203,7 @@ def direct_answer_probe(model, tokenizer, *, steps: int = 800, batch_size: int =
             log(f"direct-answer probe step {step}: accuracy {curve[step]:.3f}")
 
     cfg = WarmStartConfig(warmup_steps=min(100, steps))
-    history = _fit(probe, batch, steps=steps, peak=lr, cfg=cfg, phase="direct", log=log, on_step=on_step)
+    history = fit_phase(probe, batch, steps=steps, peak=lr, cfg=cfg, phase="direct", log=log, on_step=on_step)
     return {"steps": steps, "batch_size": batch_size, "lr": lr, "problems": n_eval, "seed": seed,
             "chance": 1 / difficulty, "direct_accuracy_before": curve[0], "direct_accuracy_after": curve[steps],
             "curve": curve, "first_loss": history[0]["loss"], "final_loss": history[-1]["loss"]}

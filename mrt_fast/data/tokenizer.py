@@ -17,7 +17,6 @@ of Qwen2's tokenizer (its pre-tokenisation regex, byte-level alphabet, NFC norma
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from .chat import (

@@ -184,7 +184,7 @@ def task_accuracy(
     return sum(grade(r, p.answer, kind=GRADER_KIND) for r, p in zip(responses, problems)) / len(problems)
 
 
-def _fit(model, next_batch, *, steps: int, peak: float, cfg: WarmStartConfig, phase: str, log, on_step=None):
+def fit_phase(model, next_batch, *, steps: int, peak: float, cfg: WarmStartConfig, phase: str, log, on_step=None):
     """One training phase: AdamW from scratch, warmup + cosine, grad clip 1.0; returns its history."""
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
@@ -278,10 +278,10 @@ def train(cfg: WarmStartConfig, *, log=print, snapshot_dir: str | Path | None = 
 
     pad = tokenizer.pad_token_id
     n_drills = round(cfg.drill_share * cfg.batch_size)
-    history = _fit(model, lambda: collate(drills(cfg.drill_batch_size), pad), steps=cfg.drill_steps,
-                   peak=cfg.drill_lr, cfg=cfg, phase="drills", log=log, on_step=evaluate("drills"))
-    history += _fit(model, lambda: collate(traces(cfg.batch_size - n_drills) + drills(n_drills), pad),
-                    steps=cfg.steps, peak=cfg.lr, cfg=cfg, phase="traces", log=log, on_step=evaluate("traces"))
+    history = fit_phase(model, lambda: collate(drills(cfg.drill_batch_size), pad), steps=cfg.drill_steps,
+                        peak=cfg.drill_lr, cfg=cfg, phase="drills", log=log, on_step=evaluate("drills"))
+    history += fit_phase(model, lambda: collate(traces(cfg.batch_size - n_drills) + drills(n_drills), pad),
+                         steps=cfg.steps, peak=cfg.lr, cfg=cfg, phase="traces", log=log, on_step=evaluate("traces"))
     return model, tokenizer, history
 
 

@@ -81,6 +81,8 @@ class DataConfig:
     grader: str = opt("auto", "answer checker: auto = the embedded task's own, math for files; math = math-verify "
                       "on the last \\boxed{}; exact = string equality", GRADERS)
     num_problems: int = opt(512, "how many embedded training problems to generate")
+    task: str = opt("chain", "embedded task: chain (key search over a map drawn per problem) or recall "
+                    "(fixed facts; answerable without thinking)", ("chain", "recall"))
     difficulty: Optional[int] = opt(None, "embedded task difficulty (null: the task's default)")
     shuffle: bool = opt(True, "reshuffle the problems every epoch (seeded)")
 

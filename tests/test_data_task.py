@@ -11,6 +11,7 @@ from mrt_fast.data import (
     THINK_END,
     THINK_START,
     build_tiny_tokenizer,
+    chat_prompt_text,
     generate_problems,
     grade,
     load_tiny_tokenizer,
@@ -18,15 +19,20 @@ from mrt_fast.data import (
     tiny_model_config,
 )
 from mrt_fast.data.synthetic import (
+    CHAIN_LINKS,
     DEFAULT_DIFFICULTY,
     GRADER_KIND,
     MAX_DIFFICULTY,
     RECHECK_CUE,
+    TASKS,
     TraceStyle,
+    chain_end,
     iter_problems,
     key_value,
+    lookups,
     read_attempts,
 )
+from mrt_fast.mrt.episodes import response_episodes, split_episodes
 
 
 @pytest.fixture(scope="module")
@@ -37,17 +43,48 @@ def tokenizer():
 # ---- problems --------------------------------------------------------------------------------
 
 
-def test_problems_are_deterministic_per_seed_and_prefix_stable():
-    a = generate_problems(20, seed=3)
-    assert a == generate_problems(20, seed=3)
-    assert a[:5] == generate_problems(5, seed=3)  # problem i does not depend on n
-    assert a != generate_problems(20, seed=4)
-    assert generate_problems(20, seed=3, difficulty=4) != generate_problems(20, seed=3, difficulty=5)
+@pytest.mark.parametrize("task", TASKS)
+def test_problems_are_deterministic_per_seed_and_prefix_stable(task):
+    a = generate_problems(20, seed=3, task=task)
+    assert a == generate_problems(20, seed=3, task=task)
+    assert a[:5] == generate_problems(5, seed=3, task=task)  # problem i does not depend on n
+    assert a != generate_problems(20, seed=4, task=task)
+    assert generate_problems(20, seed=3, difficulty=4, task=task) != generate_problems(20, seed=3, difficulty=5, task=task)
 
 
-@pytest.mark.parametrize("difficulty", [2, DEFAULT_DIFFICULTY, 11, MAX_DIFFICULTY])
-def test_problem_structure_and_difficulty_knob(difficulty):
+def test_the_default_task_is_the_chain_search():
+    assert generate_problems(3, seed=0) == generate_problems(3, seed=0, task="chain")
+
+
+@pytest.mark.parametrize("difficulty", [2, DEFAULT_DIFFICULTY, 11, MAX_DIFFICULTY["chain"]])
+def test_chain_problem_structure_and_difficulty_knob(difficulty):
     for p in generate_problems(50, seed=1, difficulty=difficulty):
+        keys, links, target, hops = p.meta["keys"], p.meta["links"], p.meta["target"], p.meta["hops"]
+        assert len(keys) == len(set(keys)) == difficulty and hops in (2, 3)
+        # Exactly one key reaches the target in `hops` steps, following the listed links.
+        assert [k for k in keys if chain_end(links, k, hops) == target] == [p.answer]
+        assert target not in keys
+        listed = ", ".join(f"{a} {b}" for a, b in links.items())
+        assert p.prompt == f"Links: {listed}.\nWhich of {', '.join(keys)} reaches {target} in {hops} steps?"
+        assert len(links) >= CHAIN_LINKS
+
+
+def test_chain_maps_are_not_one_to_one_and_do_not_point_at_the_answer():
+    problems = generate_problems(400, seed=2)
+    merged = sum(len(set(p.meta["links"].values())) < len(p.meta["links"]) for p in problems)
+    assert merged > 0.9 * len(problems)  # several letters go to the same letter
+    assert all(len(p.meta["links"]) >= 14 for p in problems)
+    # The target is often reached by more than one link: its in-links do not single out the path.
+    several = sum(sum(b == p.meta["target"] for b in p.meta["links"].values()) > 1 for p in problems)
+    assert several > 0.2 * len(problems)
+    # The answer's place in the key list is uniform (no positional shortcut).
+    places = [p.meta["keys"].index(p.answer) for p in problems]
+    assert all(40 < places.count(i) < 95 for i in range(DEFAULT_DIFFICULTY))
+
+
+@pytest.mark.parametrize("difficulty", [2, DEFAULT_DIFFICULTY, 11, MAX_DIFFICULTY["recall"]])
+def test_recall_problem_structure_and_difficulty_knob(difficulty):
+    for p in generate_problems(50, seed=1, difficulty=difficulty, task="recall"):
         keys, values, target = p.meta["keys"], p.meta["values"], p.meta["target"]
         assert len(keys) == len(set(keys)) == difficulty
         assert [k for k in keys if values[k] == target] == [p.answer]  # exactly one solution
@@ -57,7 +94,7 @@ def test_problem_structure_and_difficulty_knob(difficulty):
 
 def test_key_value_is_the_last_digit_of_the_alphabet_position():
     assert [key_value(k) for k in "bjkstz"] == [2, 0, 1, 9, 0, 6]
-    assert MAX_DIFFICULTY == 20  # c, m, w share 3: target 3 leaves 19 other keys
+    assert MAX_DIFFICULTY["recall"] == 20  # c, m, w share 3: target 3 leaves 19 other keys
     with pytest.raises(ValueError, match="key must be one of"):
         key_value("a")
 
@@ -66,13 +103,15 @@ def test_problem_bad_input():
     with pytest.raises(ValueError, match="difficulty"):
         generate_problems(1, seed=0, difficulty=1)
     with pytest.raises(ValueError, match="difficulty"):
-        generate_problems(1, seed=0, difficulty=MAX_DIFFICULTY + 1)
+        generate_problems(1, seed=0, difficulty=MAX_DIFFICULTY["chain"] + 1)
     with pytest.raises(TypeError, match="difficulty"):
         generate_problems(1, seed=0, difficulty=3.0)
     with pytest.raises(ValueError, match="n must"):
         generate_problems(-1, seed=0)
     with pytest.raises(TypeError, match="seed"):
         next(iter_problems(seed="0"))
+    with pytest.raises(ValueError, match="task must be one of"):
+        generate_problems(1, seed=0, task="sums")
     with pytest.raises(ValueError, match="give_up_prob"):
         TraceStyle(give_up_prob=1.0)
 
@@ -86,9 +125,10 @@ def _thinking(trace):
     return trace[len(THINK_START) + 1 : trace.index(THINK_END)]
 
 
-def test_trace_format_r1_style():
+@pytest.mark.parametrize("task", TASKS)
+def test_trace_format_r1_style(task):
     rng = random.Random(0)
-    problems = generate_problems(200, seed=0)
+    problems = generate_problems(200, seed=0, task=task)
     traces = [sft_trace(p, rng) for p in problems]
     for p, trace in zip(problems, traces):
         thinking = _thinking(trace)
@@ -99,8 +139,7 @@ def test_trace_format_r1_style():
                 assert par.startswith(CUES), par
         assert trace.split(THINK_END)[1].startswith("\n\nThe answer is \\boxed{")
         attempts = read_attempts(p, thinking)
-        # Three paragraphs per attempt (the episode splitter keeps >= 3 per episode).
-        assert sum(1 for par in paragraphs if par[:1].isupper() and ("try" in par or "check" in par)) == len(attempts)
+        assert all(a.complete for a in attempts)
         if any(a.found for a in attempts):
             assert grade(trace, p.answer, kind=GRADER_KIND)
         else:
@@ -116,25 +155,78 @@ def test_trace_format_r1_style():
         assert f"\n\n{cue}" in text, cue
 
 
-def test_traces_are_deterministic_per_rng():
-    p = generate_problems(10, seed=0)
+def test_chain_attempt_follows_the_links_one_paragraph_per_step():
+    p = generate_problems(1, seed=0)[0]
+    links, target, hops = p.meta["links"], p.meta["target"], p.meta["hops"]
+    trace = sft_trace(p, random.Random(1))
+    thinking = _thinking(trace)
+    for attempt in read_attempts(p, thinking):
+        opening_end = thinking.rfind("try", 0, attempt.end)
+        body = thinking[thinking.index(PARAGRAPH_SEP, opening_end) + 2 : attempt.end].split(PARAGRAPH_SEP)
+        node = attempt.key
+        for step in body[:-1]:
+            assert step == f"{node} {links[node]}."
+            node = links[node]
+        assert len(body) == hops + 1
+        assert body[-1] == (f"{node} is {target}, so yes." if node == target else f"{node} is not {target}, so no.")
+        assert (node == target) == attempt.found
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_the_default_splitter_cuts_one_episode_per_attempt(task):
+    rng = random.Random(3)
+    for p in generate_problems(200, seed=5, task=task):
+        trace = sft_trace(p, rng)
+        thinking = _thinking(trace)
+        attempts = read_attempts(p, thinking)
+        episodes = split_episodes(thinking)
+        if not attempts:  # gave up before any attempt: one (empty) episode
+            assert episodes == [(0, len(thinking))]
+            continue
+        assert len(episodes) == len(attempts)
+        # Each episode ends right after one attempt's verdict (plus the paragraph break); the last
+        # one also holds the termination text of a trace that gives up.
+        ends = [end for _, end in episodes]
+        assert [thinking[:e].rstrip("\n") for e in ends[:-1]] == [thinking[: a.end] for a in attempts[:-1]]
+        assert ends[-1] == len(thinking)
+        assert len(response_episodes(trace)) == len(attempts)
+
+
+def test_lookups_are_the_steps_of_the_traces():
+    p = generate_problems(1, seed=4)[0]
+    assert sorted(lookups(p)) == sorted((f"{a} ", b) for a, b in p.meta["links"].items())
+    q = generate_problems(1, seed=4, task="recall")[0]
+    assert sorted(lookups(q)) == sorted((k, str(key_value(k))) for k in q.meta["keys"])
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_traces_are_deterministic_per_rng(task):
+    p = generate_problems(10, seed=0, task=task)
     assert [sft_trace(q, random.Random(5)) for q in p] == [sft_trace(q, random.Random(5)) for q in p]
 
 
 def test_read_attempts_marks_productive_and_redundant_episodes():
     p = generate_problems(1, seed=0, difficulty=4)[0]
-    keys, values, target = p.meta["keys"], p.meta["values"], p.meta["target"]
+    keys, links, target, hops = p.meta["keys"], p.meta["links"], p.meta["target"], p.meta["hops"]
     wrong = [k for k in keys if k != p.answer]
-    thinking = (
-        f"Let me try {wrong[0]}.\n\n{wrong[0]}{values[wrong[0]]}.\n\n{values[wrong[0]]} is not {target}, so no."
-        f"\n\nBut let me double-check {wrong[0]}.\n\n{wrong[0]}{values[wrong[0]]}.\n\n"
-        f"{values[wrong[0]]} is not {target}, so no.\n\nWait, try {p.answer}.\n\n{p.answer}{target}.\n\n"
-        f"{target} is {target}, so yes.\n\nWait, try {wrong[1]}.\n\n{wrong[1]}"
-    )
+
+    def attempt(opening, key):
+        steps, node = [], key
+        for _ in range(hops):
+            steps.append(f"{node} {links[node]}.")
+            node = links[node]
+        verdict = f"{node} is {target}, so yes." if node == target else f"{node} is not {target}, so no."
+        return PARAGRAPH_SEP.join([f"{opening} {key}.", *steps, verdict])
+
+    thinking = PARAGRAPH_SEP.join([
+        attempt("Let me try", wrong[0]), attempt("But let me double-check", wrong[0]),
+        attempt("Wait, try", p.answer), f"Wait, try {wrong[1]}.\n\n{wrong[1]} {links[wrong[1]]}.",
+    ])
     attempts = read_attempts(p, thinking)
     assert [a.key for a in attempts] == [wrong[0], wrong[0], p.answer, wrong[1]]
     assert [a.productive for a in attempts] == [True, False, True, True]
     assert [a.found for a in attempts] == [False, False, True, False]
+    assert [a.complete for a in attempts] == [True, True, True, False]
     assert thinking[: attempts[0].end].endswith("so no.")
     assert thinking[: attempts[2].end].endswith("so yes.")
     assert attempts[3].end == len(thinking)  # cut short: ends at the end of the text
@@ -152,18 +244,20 @@ def test_tokenizer_round_trip_and_offsets(tokenizer):
         assert tokenizer.decode(enc["input_ids"]) == text
         ends = [e for _, e in enc["offset_mapping"]]
         assert ends == sorted(ends) and (not text or ends[-1] == len(text))
-        for (s, e), tid in zip(enc["offset_mapping"], enc["input_ids"]):
-            piece = tokenizer.convert_ids_to_tokens(tid)
-            if not piece.startswith("<0x"):  # byte-fallback pieces share their character's span
-                assert text[s:e] == piece
+        if text.isascii():  # one byte per character: every token's span is its text
+            for (s, e), tid in zip(enc["offset_mapping"], enc["input_ids"]):
+                assert text[s:e] == tokenizer.decode([tid])
 
 
 def test_tokenizer_keeps_facts_as_single_tokens(tokenizer):
-    tokens = tokenizer.tokenize("<think>\nWait, try k.\n\nk=7.\n</think>")
-    assert tokens == ["<think>", "\n", "Wait", ",", " try", " ", "k", ".", "\n\n", "k", "=", "7", ".", "\n", "</think>"]
-    assert tokenizer.tokenize("Alternatively") == ["Alternatively"]
+    pieces = [tokenizer.decode([i]) for i in tokenizer("<think>\nWait, try k.\n\nk q.\n</think>")["input_ids"]]
+    assert pieces == ["<think>", "\n", "Wait", ",", " try", " ", "k", ".", "\n\n", "k", " ", "q", ".", "\n", "</think>"]
+    assert len(tokenizer.tokenize("Alternatively")) == 1
     assert len(tokenizer.tokenize("Is there another way to think about this?")) == 9
-    assert tokenizer.tokenize("Wa hello") == ["W", "a", " ", "h", "e", "l", "l", "o"]  # unknown: characters
+    assert len(tokenizer.tokenize("Links: b k, e q.\nWhich of b, e reaches q in 2 steps?")) == 28
+    assert len(tokenizer.tokenize(" hello")) == 6  # not a task word: characters
+    # No merge joins a space and a single letter: a key is the same token wherever it stands.
+    assert [tokenizer.decode([i]) for i in tokenizer(" a b I")["input_ids"]] == [" ", "a", " ", "b", " ", "I"]
 
 
 def test_chat_template(tokenizer):
@@ -182,8 +276,8 @@ def test_load_tokenizer_keeps_the_tiny_tokenizer_next_to_a_qwen2_config(tokenize
     from mrt_fast.data import load_tokenizer
     from mrt_fast.data.tokenizer import ASSETS_DIR
 
-    assert (ASSETS_DIR / "config.json").is_file()  # the case where AutoTokenizer goes wrong
-    text = "<think>\nLet me try k.\n\nk7.\n</think>"
+    assert (ASSETS_DIR / "config.json").is_file()
+    text = "<think>\nLet me try k.\n\nk q.\n</think>"
     assert load_tokenizer(ASSETS_DIR)(text)["input_ids"] == tokenizer(text)["input_ids"]
 
 
@@ -193,6 +287,43 @@ def test_shipped_tokenizer_matches_the_code(tokenizer):
     text = sft_trace(generate_problems(1, seed=9)[0], random.Random(0))
     assert shipped(text)["input_ids"] == tokenizer(text)["input_ids"]
     assert shipped.chat_template == tokenizer.chat_template
+
+
+def _same_tokenization(loaded, tokenizer):
+    rng = random.Random(2)
+    texts = [chat_prompt_text(p.prompt) + sft_trace(p, rng) + "<|im_end|>" for p in generate_problems(8, seed=6)]
+    texts += [chat_prompt_text(p.prompt) for p in generate_problems(4, seed=6, task="recall")]
+    texts += [TERMINATION_TEXT, "héllo wörld 😀 \t tabs\n\n\nand $\\frac{1}{2}$"]
+    for text in texts:
+        assert loaded(text, add_special_tokens=False)["input_ids"] == tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert loaded.decode(loaded(text, add_special_tokens=False)["input_ids"]) == text
+    assert (loaded.eos_token_id, loaded.pad_token_id) == (tokenizer.eos_token_id, tokenizer.pad_token_id)
+    messages = [{"role": "user", "content": "q"}]
+    assert loaded.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == \
+        tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def test_auto_tokenizer_on_the_shipped_model_gives_the_same_ids(tokenizer):
+    """transformers' AutoTokenizer loads a qwen2 directory as Qwen2Tokenizer: the tiny tokenizer is built
+    in that format, so plain AutoTokenizer gives the ids the model was trained with."""
+    from transformers import AutoTokenizer
+
+    from mrt_fast.data.tokenizer import ASSETS_DIR
+
+    _same_tokenization(AutoTokenizer.from_pretrained(str(ASSETS_DIR)), tokenizer)
+
+
+def test_auto_tokenizer_on_an_hf_export_gives_the_same_ids(tokenizer, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mrt_fast.checkpoint import export_hf
+
+    config = tiny_model_config(len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                               num_attention_heads=2, num_key_value_heads=2)
+    model = AutoModelForCausalLM.from_config(config)
+    export_hf(tmp_path, model.state_dict(), model, tokenizer=tokenizer)
+    assert (tmp_path / "config.json").is_file()
+    _same_tokenization(AutoTokenizer.from_pretrained(str(tmp_path)), tokenizer)
 
 
 def test_tiny_model_config_is_small_and_matches_tokenizer(tokenizer):

@@ -204,8 +204,9 @@ def test_tokenizer_without_offsets_is_a_clear_error(bpe_tokenizer):
 @pytest.mark.parametrize(
     "byte_tokens, expected_offsets",
     [
-        (["<0xC3>", "a", "<0xA9>", "b"], [(0, 1), (1, 2), (2, 3), (3, 4)]),  # invalid bytes: one U+FFFD each
-        (["<0xC3>", "<0xA9>", "x"], [(0, 1), (1, 1), (1, 2)]),  # "é" split over two byte tokens
+        # The tiny tokenizer is byte-level: "Ã" is the token of byte 0xC3, "©" of byte 0xA9.
+        (["Ã", "a", "©", "b"], [(0, 1), (1, 2), (2, 3), (3, 4)]),  # invalid bytes: one U+FFFD each
+        (["Ã", "©", "x"], [(0, 1), (1, 1), (1, 2)]),  # "é" split over two byte tokens
     ],
 )
 def test_decode_with_offsets_on_byte_fallback_tokens(byte_tokens, expected_offsets):

@@ -188,11 +188,12 @@ def rows_to_examples(rows: list[dict], *, source_key: str, source: str, columns:
 # ---------------------------------------------------------------------------------------------
 
 
-def embedded_examples(n: int, *, seed: int, difficulty: Optional[int], with_responses: bool) -> list[Example]:
+def embedded_examples(n: int, *, seed: int, difficulty: Optional[int], with_responses: bool,
+                      task: str = "chain") -> list[Example]:
     from mrt_fast.data import synthetic
 
     kwargs = {} if difficulty is None else {"difficulty": difficulty}
-    problems = synthetic.generate_problems(n, seed=seed, **kwargs)
+    problems = synthetic.generate_problems(n, seed=seed, task=task, **kwargs)
     rng = random.Random(seed)
     return [Example(p.prompt, p.answer, synthetic.sft_trace(p, rng) if with_responses else None) for p in problems]
 
@@ -213,7 +214,8 @@ def load_examples(cfg: Any) -> list[Example]:
     data = cfg.data
     sft = cfg.algo.name == "sft"
     if data.source == EMBEDDED:
-        return embedded_examples(data.num_problems, seed=cfg.train.seed, difficulty=data.difficulty, with_responses=sft)
+        return embedded_examples(data.num_problems, seed=cfg.train.seed, difficulty=data.difficulty, with_responses=sft,
+                                 task=data.task)
     examples = _file_examples(cfg, data.source, "data.source", with_responses=sft)
     held = held_out_count(cfg)
     if held and held >= len(examples):
@@ -237,13 +239,13 @@ def load_eval_examples(cfg: Any) -> list[Example]:
         return []
     if e.source == HELD_OUT and data.source == EMBEDDED:
         return embedded_examples(e.num_problems, seed=EMBEDDED_EVAL_SEED, difficulty=data.difficulty,
-                                 with_responses=False)
+                                 with_responses=False, task=data.task)
     if e.source == HELD_OUT:
         examples = _file_examples(cfg, data.source, "data.source", with_responses=False)
         return examples[len(examples) - e.num_problems:]
     if e.source == EMBEDDED:
         return embedded_examples(e.num_problems, seed=EMBEDDED_EVAL_SEED, difficulty=data.difficulty,
-                                 with_responses=False)
+                                 with_responses=False, task=data.task)
     return _file_examples(cfg, e.source, "eval.source", with_responses=False)[: e.num_problems]
 
 

@@ -1,51 +1,67 @@
-"""The embedded reasoning task: find the key whose value is the target, by trying keys.
+"""The embedded reasoning tasks: find the one listed key that passes a check, by trying keys.
 
-A problem lists ``difficulty`` keys (letters); a key's value is the last digit of its place in
-the alphabet (``b`` 2, ``k`` 11 -> 1, ``t`` 20 -> 0), and exactly one listed key has the
-target value::
+Two variants share the trace format (``task=``):
+
+``"chain"`` (the default): chained key search over a random map drawn per problem. The prompt
+lists links (``b k`` means "b goes to k"; several letters may go to the same one) and asks which
+of ``difficulty`` keys reaches the target in 2 or 3 steps; exactly one does::
+
+    Links: y h, v p, n k, h n, k t, w k, t d, p g, g s, b s, r j, z r, e b, d h.
+    Which of d, y, v, k, e, z reaches g in 2 steps?
+
+``"recall"``: a key's value is a fixed fact (the last digit of its place in the alphabet, ``b`` 2,
+``k`` 11 -> 1) and the question asks for the key whose value is the target::
 
     Find the key whose value is 7.
     Keys: b, k, e, q, m, h.
 
-A solution tries keys one at a time. Every attempt is one episode of three paragraphs (so the
-episode splitter of DESIGN.md §2, which keeps at least three paragraphs per episode, cuts at
-every attempt): a cue and the key, the key with its value, and the check::
+A solution tries keys one at a time. Every attempt is one episode: a cue paragraph naming the
+key, one paragraph per step (chain: the link followed; recall: the recalled value) and a
+verdict, each paragraph one line, so the default episode splitter (a new episode at a paragraph
+that starts with a cue, at least three paragraphs per episode) cuts at every attempt::
 
     Wait, try e.
 
-    e5.
+    e b.
 
-    5 is not 7, so no.
+    b s.
 
-Why this task. A tiny model learns it in minutes because every step is a local copy, a fact
-about one token, or a pick from the prompt (pick a listed key, recall its value, compare two
-digits, copy the key that said "yes"). DESIGN.md §5 records that a tiny model does not learn
-multi-digit arithmetic or long modular chains in that time, and docs/data.md that it does not
-learn an in-context lookup (values listed in the prompt, ``k1``) in 3000 steps either, while the
-recalled value is learned in about 100. Progress is visible: an attempt on a new key either
-finds the answer or removes one candidate, so forced termination after more productive
-episodes succeeds more often, while re-checking a key already tried ("But let me double-check
-e.") adds tokens and changes nothing.
+    s is not g, so no.
 
-Warm-start traces mix productive attempts with re-checks and sometimes give up early (they
-then end with the termination text and a guess among the keys not yet tried), so a model
-trained on them answers only part of the problems: RL has headroom in both directions.
+Why the chain task is the default. In the recall task the answer is a fixed function of the
+question, so a model learns to answer it without thinking (docs/data.md gives the measurement),
+and then no method can change how it thinks. In the chain task the map is new in every problem:
+the answer can only be found by following links read from the prompt, one lookup per step, and
+a small model cannot compose several lookups for six keys in one forward pass. Progress is
+visible: an attempt on a new key either finds the answer or removes one candidate, so forced
+termination after more productive attempts succeeds more often, while re-checking a key
+already tried adds tokens and changes nothing.
+
+Warm-start traces (:func:`sft_trace`) mix productive attempts with re-checks and sometimes give
+up early (they then end with the termination text and a guess among the keys not yet tried), so
+a model trained on them answers only part of the problems: RL has headroom in both directions.
 """
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
 import re
+from dataclasses import dataclass, field
 
 from .chat import PARAGRAPH_SEP, TERMINATION_TEXT, THINK_END, THINK_START
 
+TASKS = ("chain", "recall")
+DEFAULT_TASK = "chain"
 KEY_ALPHABET = "bcdefghjkmnpqrstuvwxyz"  # no a/i/l/o: they read as words or digits
 DEFAULT_DIFFICULTY = 6
 MIN_DIFFICULTY = 2
 GRADER_KIND = "exact"
 
-# Cues that open a new attempt, with sampling weights (all cues of DESIGN.md §2 appear).
+# Chain task: steps per problem (drawn uniformly) and links listed in the prompt (at least).
+CHAIN_HOPS = (2, 3)
+CHAIN_LINKS = 14
+
+# Cues that open a new attempt, with sampling weights (all cues of the splitter appear).
 NEW_ATTEMPT_CUES: tuple[tuple[str, float], ...] = (
     ("Wait", 0.35),
     ("Alternatively", 0.25),
@@ -58,7 +74,10 @@ RECHECK_CUE = "But let me double-check"
 
 @dataclass(frozen=True)
 class Problem:
-    """One task instance: the user prompt, the reference answer and the structured facts."""
+    """One task instance: the user prompt, the reference answer and the structured facts.
+
+    ``meta["task"]`` names the variant; ``meta["keys"]`` the keys to try, in prompt order.
+    """
 
     prompt: str
     answer: str
@@ -93,65 +112,172 @@ class TraceStyle:
                 raise ValueError(f"TraceStyle.{name} must be in [0, 1), got {value}")
 
 
-def _check_difficulty(difficulty: int) -> None:
-    if isinstance(difficulty, bool) or not isinstance(difficulty, int):
-        raise TypeError(f"difficulty must be an int, got {type(difficulty).__name__}")
-    if not MIN_DIFFICULTY <= difficulty <= MAX_DIFFICULTY:
-        raise ValueError(
-            f"difficulty (the number of keys) must be in [{MIN_DIFFICULTY}, {MAX_DIFFICULTY}], "
-            f"got {difficulty}"
-        )
+# ---- problems --------------------------------------------------------------------------------
 
 
 def key_value(key: str) -> int:
-    """The value of a key: the last digit of the letter's place in the alphabet (``k`` -> 11 -> 1)."""
+    """Recall task: a key's value, the last digit of its place in the alphabet (``k`` -> 11 -> 1)."""
     if len(key) != 1 or key not in KEY_ALPHABET:
         raise ValueError(f"key must be one of {KEY_ALPHABET!r}, got {key!r}")
     return (ord(key) - ord("a") + 1) % 10
 
 
 # Every target digit has at least 19 keys of other values (3 letters share each of 3, 4 and 6).
-MAX_DIFFICULTY = 1 + min(sum(key_value(k) != t for k in KEY_ALPHABET) for t in range(10))
+_MAX_RECALL_KEYS = 1 + min(sum(key_value(k) != t for k in KEY_ALPHABET) for t in range(10))
+# The chain task needs letters for the keys, the target and the answer's intermediate steps.
+_MAX_CHAIN_KEYS = len(KEY_ALPHABET) - max(CHAIN_HOPS)
+MAX_DIFFICULTY = {"chain": _MAX_CHAIN_KEYS, "recall": _MAX_RECALL_KEYS}
 
 
-def make_problem(rng: random.Random, difficulty: int = DEFAULT_DIFFICULTY) -> Problem:
-    """Draw one problem with ``difficulty`` keys from ``rng``: exactly one key has the target value."""
-    _check_difficulty(difficulty)
+def _check_task(task: str) -> None:
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+
+
+def _check_difficulty(difficulty: int, task: str) -> None:
+    _check_task(task)
+    if isinstance(difficulty, bool) or not isinstance(difficulty, int):
+        raise TypeError(f"difficulty must be an int, got {type(difficulty).__name__}")
+    if not MIN_DIFFICULTY <= difficulty <= MAX_DIFFICULTY[task]:
+        raise ValueError(
+            f"difficulty (the number of keys) must be in [{MIN_DIFFICULTY}, {MAX_DIFFICULTY[task]}] "
+            f"for task {task!r}, got {difficulty}"
+        )
+
+
+def _chain_problem(rng: random.Random, difficulty: int) -> Problem:
+    """A random map in which exactly one of ``difficulty`` keys reaches the target in ``hops`` steps.
+
+    The answer's path uses fresh letters; every other key's path is drawn link by link (a letter
+    already linked keeps its link, so paths merge) and the draw is repeated until no other key
+    ends on the target. Distractor links from unused letters fill the list up to CHAIN_LINKS, so
+    neither the target's in-links nor the list length point at the answer.
+    """
+    while True:
+        hops = rng.choice(CHAIN_HOPS)
+        keys = rng.sample(KEY_ALPHABET, difficulty)
+        target = rng.choice([c for c in KEY_ALPHABET if c not in keys])
+        answer = keys[0]
+        steps = rng.sample([c for c in KEY_ALPHABET if c not in keys and c != target], hops - 1)
+        path = [answer, *steps, target]
+        links = dict(zip(path, path[1:]))
+        for key in keys[1:]:
+            node = key
+            for _ in range(hops):
+                if node not in links:
+                    links[node] = rng.choice(KEY_ALPHABET)
+                node = links[node]
+        if [k for k in keys if chain_end(links, k, hops) == target] == [answer]:
+            break
+    unused = [c for c in KEY_ALPHABET if c not in links]
+    for source in rng.sample(unused, max(0, min(len(unused), CHAIN_LINKS - len(links)))):
+        links[source] = rng.choice(KEY_ALPHABET)
+    listed = dict(rng.sample(sorted(links.items()), len(links)))
+    keys = rng.sample(keys, difficulty)
+    meta = {"task": "chain", "keys": keys, "links": listed, "target": target, "hops": hops,
+            "difficulty": difficulty}
+    return Problem(prompt=chain_prompt(listed, keys, target, hops), answer=answer, meta=meta)
+
+
+def chain_prompt(links: dict[str, str], keys: list[str], target: str, hops: int) -> str:
+    """The chain task's question: the links in the given order, then the keys to try."""
+    return (
+        f"Links: {', '.join(f'{a} {b}' for a, b in links.items())}.\n"
+        f"Which of {', '.join(keys)} reaches {target} in {hops} steps?"
+    )
+
+
+def chain_end(links: dict[str, str], key: str, hops: int) -> str:
+    """Where ``key`` is after following ``hops`` links."""
+    for _ in range(hops):
+        key = links[key]
+    return key
+
+
+def _recall_problem(rng: random.Random, difficulty: int) -> Problem:
     target = rng.randrange(10)
     answer = rng.choice([k for k in KEY_ALPHABET if key_value(k) == target])
     others = rng.sample([k for k in KEY_ALPHABET if key_value(k) != target], difficulty - 1)
     keys = rng.sample([answer, *others], difficulty)
     values = {k: key_value(k) for k in keys}
     prompt = f"Find the key whose value is {target}.\nKeys: {', '.join(keys)}."
-    meta = {"keys": keys, "values": values, "target": target, "difficulty": difficulty}
+    meta = {"task": "recall", "keys": keys, "values": values, "target": target, "difficulty": difficulty}
     return Problem(prompt=prompt, answer=answer, meta=meta)
 
 
-def iter_problems(*, seed: int, difficulty: int = DEFAULT_DIFFICULTY):
-    """An endless, seeded stream of problems (problem i depends only on seed and difficulty)."""
-    _check_difficulty(difficulty)
+def make_problem(rng: random.Random, difficulty: int = DEFAULT_DIFFICULTY, task: str = DEFAULT_TASK) -> Problem:
+    """Draw one problem with ``difficulty`` keys from ``rng``: exactly one key is the answer."""
+    _check_difficulty(difficulty, task)
+    return _chain_problem(rng, difficulty) if task == "chain" else _recall_problem(rng, difficulty)
+
+
+def iter_problems(*, seed: int, difficulty: int = DEFAULT_DIFFICULTY, task: str = DEFAULT_TASK):
+    """An endless, seeded stream of problems (problem i depends only on seed, difficulty and task)."""
+    _check_difficulty(difficulty, task)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-    rng = random.Random(f"mrt-fast/keys/{seed}/{difficulty}")
+    # The recall task keeps the stream it always had.
+    name = f"mrt-fast/keys/{seed}/{difficulty}" if task == "recall" else f"mrt-fast/{task}/{seed}/{difficulty}"
+    rng = random.Random(name)
     while True:
-        yield make_problem(rng, difficulty)
+        yield make_problem(rng, difficulty, task)
 
 
-def generate_problems(n: int, *, seed: int, difficulty: int = DEFAULT_DIFFICULTY) -> list[Problem]:
+def generate_problems(
+    n: int, *, seed: int, difficulty: int = DEFAULT_DIFFICULTY, task: str = DEFAULT_TASK
+) -> list[Problem]:
     """The first ``n`` problems of the seeded stream."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise ValueError(f"n must be a non-negative int, got {n!r}")
-    stream = iter_problems(seed=seed, difficulty=difficulty)
+    stream = iter_problems(seed=seed, difficulty=difficulty, task=task)
     return [next(stream) for _ in range(n)]
 
 
 # ---- traces ---------------------------------------------------------------------------------
 
 
-def attempt_paragraphs(opening: str, key: str, value: int, target: int) -> list[str]:
-    """The three paragraphs of one attempt: the opening, the lookup, the check."""
-    verdict = f"{value} is {target}, so yes." if value == target else f"{value} is not {target}, so no."
-    return [opening, f"{key}{value}.", verdict]
+def verdict(reached: str, target: str) -> str:
+    """The paragraph that closes an attempt."""
+    return f"{reached} is {target}, so yes." if reached == target else f"{reached} is not {target}, so no."
+
+
+def attempt_steps(problem: Problem, key: str) -> list[str]:
+    """The paragraphs of one attempt after its opening: one per step, then the verdict."""
+    meta = problem.meta
+    if meta["task"] == "recall":
+        value = meta["values"][key]
+        return [f"{key}{value}.", verdict(str(value), str(meta["target"]))]
+    steps, node = [], key
+    for _ in range(meta["hops"]):
+        nxt = meta["links"][node]
+        steps.append(f"{node} {nxt}.")
+        node = nxt
+    return [*steps, verdict(node, meta["target"])]
+
+
+def lookups(problem: Problem) -> list[tuple[str, str]]:
+    """The single lookups a solution is made of, as ``(query, fact)`` texts of a step paragraph.
+
+    Chain: every listed link (``("e ", "b")`` for the step ``e b.``); recall: every key's value
+    (``("k", "1")`` for ``k1.``). The warm start drills them before it trains on traces.
+    """
+    if problem.meta["task"] == "recall":
+        return [(k, str(v)) for k, v in problem.meta["values"].items()]
+    return [(f"{a} ", b) for a, b in problem.meta["links"].items()]
+
+
+def shorter_map(problem: Problem, n_links: int) -> Problem:
+    """A chain problem with only its first ``n_links`` links listed (a drill on a smaller map).
+
+    Its keys may no longer reach anything: only the lookups of the result are meaningful. A
+    recall problem is returned as it is.
+    """
+    meta = problem.meta
+    if meta["task"] == "recall" or n_links >= len(meta["links"]):
+        return problem
+    links = dict(list(meta["links"].items())[:n_links])
+    prompt = chain_prompt(links, meta["keys"], meta["target"], meta["hops"])
+    return Problem(prompt=prompt, answer=problem.answer, meta={**meta, "links": links})
 
 
 def answer_text(key: str) -> str:
@@ -177,7 +303,7 @@ def sft_trace(problem: Problem, rng: random.Random, style: TraceStyle = TraceSty
     """
     if not isinstance(rng, random.Random):
         raise TypeError(f"rng must be a random.Random, got {type(rng).__name__}")
-    keys, values, target = problem.meta["keys"], problem.meta["values"], problem.meta["target"]
+    keys = problem.meta["keys"]
     order = rng.sample(keys, len(keys))
     tried: list[str] = []
     paragraphs: list[str] = []
@@ -186,12 +312,10 @@ def sft_trace(problem: Problem, rng: random.Random, style: TraceStyle = TraceSty
     while found is None and not gave_up_first:
         recheck = bool(tried) and rng.random() < style.recheck_prob
         key = rng.choice(tried) if recheck else order[len(tried)]
-        paragraphs += attempt_paragraphs(
-            _opening(rng, key, first=not paragraphs, recheck=recheck), key, values[key], target
-        )
+        paragraphs += [_opening(rng, key, first=not paragraphs, recheck=recheck), *attempt_steps(problem, key)]
         if not recheck:
             tried.append(key)
-        if values[key] == target:
+        if key == problem.answer:
             found = key
         elif rng.random() < style.give_up_prob:
             break
@@ -202,9 +326,7 @@ def sft_trace(problem: Problem, rng: random.Random, style: TraceStyle = TraceSty
         return thinking + separator + TERMINATION_TEXT + answer_text(guess)
     if rng.random() < style.recheck_found_prob:
         opening = _opening(rng, found, first=False, recheck=True)
-        thinking += PARAGRAPH_SEP + PARAGRAPH_SEP.join(
-            attempt_paragraphs(opening, found, values[found], target)
-        )
+        thinking += PARAGRAPH_SEP + PARAGRAPH_SEP.join([opening, *attempt_steps(problem, found)])
     if rng.random() < style.terminate_found_prob:
         return thinking + PARAGRAPH_SEP + TERMINATION_TEXT + answer_text(found)
     return thinking + "\n" + THINK_END + "\n\n" + answer_text(found)
@@ -214,6 +336,7 @@ def sft_trace(problem: Problem, rng: random.Random, style: TraceStyle = TraceSty
 
 # An attempt opens with a line ending "try k." or "double-check k."; each paragraph is one line.
 _ATTEMPT_RE = re.compile(r"^[^\n]*\b(?:try|double-check) ([a-z])\.$", re.MULTILINE)
+_VERDICT_RE = re.compile(r"^[^\n]* so (?:yes|no)\.$", re.MULTILINE)
 
 
 @dataclass(frozen=True)
@@ -221,16 +344,18 @@ class Attempt:
     """One attempt read back from a trace: where it ends and whether it was productive."""
 
     key: str
-    end: int  # character offset just after the attempt's verdict paragraph (an episode boundary)
-    productive: bool  # a key not tried before (finds the answer or removes a candidate)
+    end: int  # character offset just after the attempt's verdict line (an episode boundary)
+    productive: bool  # a listed key not tried before (finds the answer or removes a candidate)
     found: bool  # this attempt checked the answer key
+    complete: bool  # its verdict line was written
 
 
 def read_attempts(problem: Problem, thinking: str) -> list[Attempt]:
     """The attempts of a (possibly model-written) thinking text, in order.
 
-    An attempt ends with the line of its verdict, two lines after its opening (or where the
-    text or the next attempt starts, if cut short). Used to measure progress per episode.
+    An attempt ends with the first verdict line ("... so yes." / "... so no.") after its opening,
+    or where the next attempt or the text starts, if it has none (``complete`` False). Used to
+    measure progress per episode.
     """
     keys = set(problem.meta["keys"])
     matches = list(_ATTEMPT_RE.finditer(thinking))
@@ -239,21 +364,9 @@ def read_attempts(problem: Problem, thinking: str) -> list[Attempt]:
     for i, m in enumerate(matches):
         key = m.group(1)
         stop = matches[i + 1].start() if i + 1 < len(matches) else len(thinking)
-        end = min(_line_end(thinking, m.start(), lines_after=2), stop)
+        closing = _VERDICT_RE.search(thinking, m.end(), stop)
+        end = closing.end() if closing else stop
         productive = key in keys and key not in tried
         tried.add(key)
-        attempts.append(Attempt(key, end, productive, key == problem.answer))
+        attempts.append(Attempt(key, end, productive, key == problem.answer, closing is not None))
     return attempts
-
-
-def _line_end(text: str, start: int, lines_after: int) -> int:
-    """Offset of the end of the non-empty line ``lines_after`` lines after the one at ``start``."""
-    pos = text.find("\n", start)
-    for _ in range(lines_after):
-        if pos < 0:
-            return len(text)
-        nxt = pos
-        while nxt < len(text) and text[nxt] == "\n":
-            nxt += 1
-        pos = text.find("\n", nxt)
-    return len(text) if pos < 0 else pos

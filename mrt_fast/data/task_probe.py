@@ -1,16 +1,25 @@
-"""Measure the embedded task's progress property on a model.
+"""Check the embedded task's properties on a model: the numbers docs/data.md reports.
 
-For each problem: sample a trace, read its attempts back (``read_attempts``), and at the empty
-prefix and after every attempt force termination (append ``TERMINATION_TEXT``) and sample ``k``
-answers. The table groups ``J`` (the fraction of correct forced answers) by the number of
-productive attempts completed so far, and reports the mean change of ``J`` over productive and
-over redundant (re-check) episodes. ``python -m mrt_fast.data.task_probe`` prints it for the
-shipped checkpoint (docs/data.md).
+``python -m mrt_fast.data.task_probe`` measures, for the shipped checkpoint (or ``--model DIR``):
+
+* hop accuracy (:func:`hop_accuracy`): teacher-forced argmax accuracy of single lookups read
+  from the prompt, on fresh problems;
+* pass@1 at T=1 on fresh problems;
+* progress (:func:`measure_progress`): for each problem, sample a trace, read its attempts back
+  (``read_attempts``), and at the empty prefix and after every complete attempt force
+  termination (append ``TERMINATION_TEXT``) and sample ``k`` answers. The table groups ``J`` (the
+  fraction of correct forced answers) by the number of productive attempts completed so far, and
+  reports the mean change of ``J`` over productive and over unproductive episodes;
+* the shortcut (:func:`direct_answer_probe`): fine-tune a copy on answers without thinking
+  (``<think>\n</think>`` then the answer) and measure how often its direct answer is right.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import json
+import random
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -18,8 +27,34 @@ import torch
 
 from .chat import PARAGRAPH_SEP, TERMINATION_TEXT, THINK_END, THINK_START, chat_prompt_text
 from .grading import grade
-from .synthetic import DEFAULT_DIFFICULTY, GRADER_KIND, generate_problems, read_attempts
-from .warm_start import EVAL_SEED, sample_responses
+from .synthetic import (
+    DEFAULT_DIFFICULTY,
+    DEFAULT_TASK,
+    GRADER_KIND,
+    Problem,
+    answer_text,
+    generate_problems,
+    iter_problems,
+    read_attempts,
+)
+from .warm_start import (
+    EVAL_SEED,
+    IGNORE_INDEX,
+    WarmStartConfig,
+    collate,
+    encode_drill,
+    encode_example,
+    fit_phase,
+    sample_responses,
+    task_accuracy,
+)
+
+# Fresh problem streams of the probes: seeds used neither by training (0) nor by the warm start's
+# own evaluation (EVAL_SEED).
+PROGRESS_SEED = EVAL_SEED + 1
+PASS_SEED = EVAL_SEED + 2
+HOP_SEED = EVAL_SEED + 3
+DIRECT_SEED = EVAL_SEED + 4
 
 
 @dataclass
@@ -27,6 +62,9 @@ class ProgressTable:
     """Forced-termination accuracy per number of productive attempts, and mean ΔJ per episode kind."""
 
     j_by_productive: dict[int, tuple[float, int]]  # productive attempts -> (mean J, boundaries)
+    # (productive attempts, was the last attempt productive) -> (mean J, boundaries); the empty
+    # prefix counts as "productive" (nothing unproductive came before it)
+    j_by_last: dict[tuple[int, bool], tuple[float, int]]
     delta_productive: float  # mean J_j - J_{j-1} over productive episodes
     delta_redundant: float  # mean J_j - J_{j-1} over unproductive episodes (re-checks, unlisted keys)
     n_productive: int
@@ -34,9 +72,13 @@ class ProgressTable:
     accuracy: float  # the sampled traces' own accuracy
 
     def markdown(self) -> str:
-        lines = ["| productive attempts completed | mean J (forced termination) | boundaries |", "|---|---|---|"]
+        lines = ["| productive attempts completed | mean J (forced termination) | boundaries "
+                 "| J right after a productive attempt | J right after an unproductive one |",
+                 "|---|---|---|---|---|"]
+        nan = (float("nan"), 0)
         for n, (j, count) in sorted(self.j_by_productive.items()):
-            lines.append(f"| {n} | {j:.3f} | {count} |")
+            (jp, cp), (ju, cu) = self.j_by_last.get((n, True), nan), self.j_by_last.get((n, False), nan)
+            lines.append(f"| {n} | {j:.3f} | {count} | {jp:.3f} ({cp}) | {ju:.3f} ({cu}) |")
         lines.append("")
         lines.append(
             f"mean ΔJ over productive episodes: {self.delta_productive:+.3f} ({self.n_productive}); "
@@ -66,12 +108,14 @@ def forced_termination_accuracy(model, tokenizer, problem, thinking_prefixes, *,
     return answers_per_prefix
 
 
-def measure_progress(model, tokenizer, *, n_problems=64, k=8, difficulty=DEFAULT_DIFFICULTY,
-                     temperature=1.0, seed=EVAL_SEED + 1, max_new_tokens=512) -> ProgressTable:
-    problems = generate_problems(n_problems, seed=seed, difficulty=difficulty)
+def measure_progress(model, tokenizer, *, n_problems=64, k=8, difficulty=DEFAULT_DIFFICULTY, task=DEFAULT_TASK,
+                     temperature=1.0, seed=PROGRESS_SEED, max_new_tokens=512) -> ProgressTable:
+    """J at every attempt boundary of ``n_problems`` sampled traces (see the module docstring)."""
+    problems = generate_problems(n_problems, seed=seed, difficulty=difficulty, task=task)
     responses = sample_responses(model, tokenizer, [p.prompt for p in problems],
                                  max_new_tokens=max_new_tokens, temperature=1.0, seed=seed)
     by_count: dict[int, list[float]] = defaultdict(list)
+    by_last: dict[tuple[int, bool], list[float]] = defaultdict(list)
     deltas = {True: [], False: []}
     correct = 0
     for i, (problem, response) in enumerate(zip(problems, responses)):
@@ -80,22 +124,108 @@ def measure_progress(model, tokenizer, *, n_problems=64, k=8, difficulty=DEFAULT
         thinking = body.split(THINK_END)[0].split("Time is up.")[0].rstrip("\n")
         attempts = read_attempts(problem, thinking)
         # Only complete attempts (their verdict line was written) are boundaries.
-        attempts = [a for a in attempts if thinking[:a.end].endswith(("so no.", "so yes."))]
+        attempts = [a for a in attempts if a.complete]
         prefixes = [""] + [thinking[:a.end] for a in attempts]
         J = forced_termination_accuracy(model, tokenizer, problem, prefixes, k=k, temperature=temperature, seed=seed + i)
         productive = 0
         by_count[0].append(J[0])
+        by_last[0, True].append(J[0])
         for j, attempt in enumerate(attempts, start=1):
             productive += attempt.productive
             by_count[productive].append(J[j])
+            by_last[productive, attempt.productive].append(J[j])
             deltas[attempt.productive].append(J[j] - J[j - 1])
     mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
     return ProgressTable(
         j_by_productive={n: (mean(v), len(v)) for n, v in by_count.items()},
+        j_by_last={key: (mean(v), len(v)) for key, v in by_last.items()},
         delta_productive=mean(deltas[True]), delta_redundant=mean(deltas[False]),
         n_productive=len(deltas[True]), n_redundant=len(deltas[False]),
         accuracy=correct / len(problems),
     )
+
+
+@torch.no_grad()
+def hop_accuracy(model, tokenizer, problems: list[Problem], *, lookups_per_problem: int = 8, seed: int = 0) -> float:
+    """Teacher-forced argmax accuracy of single lookups (``e b.``: is ``b`` the most likely token?)."""
+    rng = random.Random(seed)
+    examples = [encode_drill(tokenizer, p, rng, lookups_per_problem) for p in problems]
+    correct = total = 0
+    for start in range(0, len(examples), 32):
+        batch = collate(examples[start:start + 32], tokenizer.pad_token_id)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        labels = batch["labels"][:, 1:]
+        keep = labels != IGNORE_INDEX
+        correct += int((logits[:, :-1].argmax(-1)[keep] == labels[keep]).sum())
+        total += int(keep.sum())
+    return correct / total
+
+
+DIRECT_PREFIX = THINK_START + "\n" + THINK_END + "\n\n"
+
+
+@torch.no_grad()
+def direct_accuracy(model, tokenizer, problems: list[Problem], *, batch_size: int = 64) -> float:
+    """How often the most likely answer right after an empty thinking part is the right key."""
+    lead = DIRECT_PREFIX + answer_text("\0").split("\0")[0]  # "<think>\n</think>\n\nThe answer is \\boxed{"
+    correct = 0
+    for start in range(0, len(problems), batch_size):
+        chunk = problems[start:start + batch_size]
+        rows = [tokenizer(chat_prompt_text(p.prompt) + lead, add_special_tokens=False)["input_ids"] for p in chunk]
+        batch = collate([(ids, ids) for ids in rows], tokenizer.pad_token_id)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        last = torch.tensor([len(ids) - 1 for ids in rows])
+        best = logits[torch.arange(len(rows)), last].argmax(-1).tolist()
+        correct += sum(tokenizer.decode([b]) == p.answer for b, p in zip(best, chunk))
+    return correct / len(problems)
+
+
+def direct_answer_probe(model, tokenizer, *, steps: int = 800, batch_size: int = 16, lr: float = 1e-3,
+                        n_eval: int = 512, task: str = DEFAULT_TASK, difficulty: int = DEFAULT_DIFFICULTY,
+                        seed: int = DIRECT_SEED, eval_every: int = 200, log=print) -> dict:
+    """Fine-tune a copy of ``model`` on answers without thinking; its direct accuracy along the way.
+
+    The no-shortcut check: a task where thinking is necessary keeps this near chance (1/difficulty).
+    """
+    probe = copy.deepcopy(model)
+    stream = iter_problems(seed=seed, difficulty=difficulty, task=task)
+    held_out = generate_problems(n_eval, seed=seed + 1, difficulty=difficulty, task=task)
+    curve = {0: direct_accuracy(probe, tokenizer, held_out)}
+
+    def batch():
+        problems = [next(stream) for _ in range(batch_size)]
+        examples = [encode_example(tokenizer, p.prompt, DIRECT_PREFIX + answer_text(p.answer)) for p in problems]
+        return collate(examples, tokenizer.pad_token_id)
+
+    def on_step(step: int, _record: dict) -> None:
+        if step % eval_every == 0 or step == steps:
+            curve[step] = direct_accuracy(probe, tokenizer, held_out)
+            log(f"direct-answer probe step {step}: accuracy {curve[step]:.3f}")
+
+    cfg = WarmStartConfig(warmup_steps=min(100, steps))
+    history = fit_phase(probe, batch, steps=steps, peak=lr, cfg=cfg, phase="direct", log=log, on_step=on_step)
+    return {"steps": steps, "batch_size": batch_size, "lr": lr, "problems": n_eval, "seed": seed,
+            "chance": 1 / difficulty, "direct_accuracy_before": curve[0], "direct_accuracy_after": curve[steps],
+            "curve": curve, "first_loss": history[0]["loss"], "final_loss": history[-1]["loss"]}
+
+
+def _task_checks(model, tokenizer, args) -> dict:
+    """Hop accuracy, pass@1 and the progress table, printed as they come."""
+    results = {"hop_accuracy": hop_accuracy(model, tokenizer, generate_problems(128, seed=HOP_SEED, task=args.task))}
+    print(f"hop accuracy (128 problems x 8 lookups): {results['hop_accuracy']:.3f}", flush=True)
+    results["pass_at_1_t1"] = task_accuracy(
+        model, tokenizer, generate_problems(args.pass_problems, seed=PASS_SEED, task=args.task), temperature=1.0)
+    print(f"pass@1 at T=1 ({args.pass_problems} problems): {results['pass_at_1_t1']:.3f}", flush=True)
+    table = measure_progress(model, tokenizer, n_problems=args.problems, k=args.k, task=args.task,
+                             temperature=args.temperature)
+    results["progress"] = {"j_by_productive": table.j_by_productive,
+                           "j_by_last": {f"{n},{'productive' if p else 'unproductive'}": v
+                                         for (n, p), v in table.j_by_last.items()},
+                           "delta_productive": table.delta_productive,
+                           "delta_unproductive": table.delta_redundant, "n_productive": table.n_productive,
+                           "n_unproductive": table.n_redundant, "trace_accuracy": table.accuracy}
+    print(table.markdown(), flush=True)
+    return results
 
 
 def main(argv=None):
@@ -103,15 +233,29 @@ def main(argv=None):
 
     parser = argparse.ArgumentParser(prog="python -m mrt_fast.data.task_probe", description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=None, help="checkpoint directory (default: the shipped one)")
-    parser.add_argument("--problems", type=int, default=64)
+    parser.add_argument("--task", default=DEFAULT_TASK)
+    parser.add_argument("--problems", type=int, default=64, help="problems of the progress table")
+    parser.add_argument("--pass-problems", type=int, default=128)
     parser.add_argument("--k", type=int, default=8)
     parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--direct-steps", type=int, default=800, help="0: skip the direct-answer probe")
+    parser.add_argument("--only-direct", action="store_true", help="only the direct-answer probe")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default=None, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     model, tokenizer = load_warm_start(path=args.model)
-    table = measure_progress(model, tokenizer, n_problems=args.problems, k=args.k, temperature=args.temperature)
-    print(table.markdown())
-    return table
+    results = {}
+    if not args.only_direct:
+        results.update(_task_checks(model, tokenizer, args))
+    if args.direct_steps:
+        results["direct"] = direct_answer_probe(model, tokenizer, steps=args.direct_steps, task=args.task,
+                                                log=lambda m: print(m, flush=True) if "accuracy" in m else None)
+        print("direct-answer probe: " + json.dumps(results["direct"]), flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=2)
+    return results
 
 
 if __name__ == "__main__":

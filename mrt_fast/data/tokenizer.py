@@ -1,22 +1,22 @@
-"""The tiny tokenizer of the embedded task: characters, plus whole words of the task's text.
+"""The tiny tokenizer of the embedded tasks: bytes, plus whole words of the tasks' text.
 
-Built with the ``tokenizers`` library, deterministically, from code (no training corpus):
+A byte-level BPE built deterministically from code (no training corpus), in exactly the format
+of Qwen2's tokenizer (its pre-tokenisation regex, byte-level alphabet, NFC normalizer), so that
+``transformers.AutoTokenizer`` - which loads every directory whose ``config.json`` says
+``model_type="qwen2"`` as ``Qwen2Tokenizer`` - gives the same ids as the tokenizer built here:
 
-* pre-tokenisation isolates words of two letters or more together with one leading space
-  (``" another"``), paragraph breaks (``"\\n\\n"``), and every other character on its own, so
-  digits and key letters are always single tokens (the model copies them by attention, one
-  token per fact) and the fixed text costs few tokens;
-* a BPE model without merges over characters plus the words the task, the cues and the
-  termination text use (``ignore_merges``: a piece that is a known word is one token, any
-  other piece falls back to characters), so ``"Alternatively"`` is one token;
-* byte fallback (``<0x..>`` tokens) for characters outside printable ASCII, so every string
-  round-trips; offsets work (it is a ``PreTrainedTokenizerFast``);
+* every word of the tasks, the cues and the termination text is one token, with or without its
+  leading space (``"Alternatively"``, ``" try"``); merges are added word by word, each at the
+  lowest priority, so a word the merges already build keeps its tokens;
+* digits, key letters and punctuation are single tokens (the model copies them by attention, one
+  token per fact), a space before a key letter is its own token, ``"\\n\\n"`` is one token;
+* any other text falls back to smaller pieces, down to bytes, so every string round-trips and
+  offsets work (it is a fast tokenizer);
 * Qwen-style specials and chat template, and ``<think>``/``</think>`` as single added tokens.
 """
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from .chat import (
@@ -26,45 +26,80 @@ from .chat import (
     IM_END,
     IM_START,
     PAD_TOKEN,
+    PARAGRAPH_SEP,
     TERMINATION_TEXT,
     THINK_END,
     THINK_START,
 )
 
 ASSETS_DIR = Path(__file__).parent / "assets" / "tiny"
-UNK_TOKEN = "<unk>"
-SPECIAL_TOKENS = (PAD_TOKEN, IM_START, IM_END, UNK_TOKEN)
+SPECIAL_TOKENS = (PAD_TOKEN, IM_START, IM_END)
 THINK_TOKENS = (THINK_START, THINK_END)
-PRE_TOKEN_PATTERN = r"\n\n| ?[A-Za-z]{2,}|[\s\S]"
+# Qwen2's pre-tokenisation (transformers' Qwen2Tokenizer applies it to any qwen2 checkpoint).
+PRE_TOKEN_PATTERN = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
 
-# Fixed phrases of the embedded task and of chat formatting whose words become single tokens.
+# Fixed text of the embedded tasks and of chat formatting whose words become single tokens.
 TASK_PHRASES = (
     "Find the key whose value is",
     "Keys",
+    "Links",
+    "Which of reaches in steps",
     "Let me try",
-    "try",
     "is not",
     "so yes",
     "so no",
-    "The answer is boxed",
+    "The answer is \\boxed",
     "user assistant system",
 )
 
 
+def _pre_tokenizer():
+    from tokenizers import Regex, pre_tokenizers
+
+    return pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRE_TOKEN_PATTERN), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+
+
 def task_words() -> list[str]:
-    """Words (two letters or more) that get their own token, in a fixed order."""
+    """Pre-tokens (in the byte-level alphabet) that become single tokens, in a fixed order.
+
+    Every pre-token of the fixed texts with two letters or more, each also with (or without) a
+    leading space, and the paragraph break.
+    """
+    pre = _pre_tokenizer()
     texts = (*TASK_PHRASES, *CUES, TERMINATION_TEXT, ANSWER_LEAD_IN)
     words: dict[str, None] = {}
+    space = pre.pre_tokenize_str(" ")[0][0]
     for text in texts:
-        for word in re.findall(r"[A-Za-z]+", text):
-            if len(word) > 1:
-                words.setdefault(word, None)
+        for piece, _ in pre.pre_tokenize_str(text):
+            bare = piece[1:] if piece.startswith(space) else piece
+            if len(bare) < 2 or not (bare.isascii() and bare.isalpha()):
+                continue
+            words.setdefault(bare, None)
+            words.setdefault(space + bare, None)
+    words.setdefault(pre.pre_tokenize_str(PARAGRAPH_SEP)[0][0], None)
     return list(words)
+
+
+def _bpe(piece: str, ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Byte-pair encoding of one pre-token (symbols are characters of the byte-level alphabet)."""
+    parts = list(piece)
+    while len(parts) > 1:
+        pairs = [(ranks.get(pair, len(ranks)), i) for i, pair in enumerate(zip(parts, parts[1:]))]
+        rank, i = min(pairs)
+        if rank == len(ranks):
+            break
+        parts[i : i + 2] = [parts[i] + parts[i + 1]]
+    return parts
 
 
 def build_tiny_tokenizer():
     """Build the tokenizer from code; returns a ``transformers.PreTrainedTokenizerFast``."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab: dict[str, int] = {}
@@ -72,32 +107,30 @@ def build_tiny_tokenizer():
     def add(token: str) -> None:
         vocab.setdefault(token, len(vocab))
 
-    for token in (*SPECIAL_TOKENS, *THINK_TOKENS):
+    for token in SPECIAL_TOKENS:
         add(token)
-    for byte in range(256):
-        add(f"<0x{byte:02X}>")
-    for char in [chr(c) for c in range(32, 127)] + ["\n", "\t"]:
-        add(char)
-    add("\n\n")
+    for symbol in sorted(pre_tokenizers.ByteLevel.alphabet(), key=lambda c: ord(c)):
+        add(symbol)
+    # Merges that build each word from the pieces the earlier merges leave, at the lowest
+    # priority: the words added before keep their tokenization.
+    merges: list[tuple[str, str]] = []
     for word in task_words():
-        add(word)
-        add(" " + word)
+        parts = _bpe(word, {m: r for r, m in enumerate(merges)})
+        while len(parts) > 1:
+            merges.append((parts[0], parts[1]))
+            parts = [parts[0] + parts[1], *parts[2:]]
+            add(parts[0])
 
-    # No merges: a pre-token that is in the vocabulary is one token (ignore_merges), anything
-    # else splits into characters (bytes for characters outside the table).
-    model = models.BPE(
-        vocab=vocab, merges=[], unk_token=UNK_TOKEN, byte_fallback=True, ignore_merges=True
-    )
-    tok = Tokenizer(model)
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(PRE_TOKEN_PATTERN), behavior="isolated")
-    tok.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = _pre_tokenizer()
+    tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in THINK_TOKENS])
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token=IM_END,
         pad_token=PAD_TOKEN,
-        unk_token=UNK_TOKEN,
         chat_template=CHAT_TEMPLATE,
         clean_up_tokenization_spaces=False,
         model_max_length=4096,
@@ -107,9 +140,8 @@ def build_tiny_tokenizer():
 def load_tiny_tokenizer(path: str | Path | None = None):
     """The shipped tiny tokenizer (``mrt_fast/data/assets/tiny``), or the one saved at ``path``.
 
-    Loads ``tokenizer.json`` as it is. Do not use ``AutoTokenizer`` on a directory that also
-    holds the tiny model's ``config.json``: transformers 5 maps ``model_type="qwen2"`` to
-    ``Qwen2Tokenizer``, which replaces our pre-tokenizer with Qwen's and tokenizes differently.
+    Loads ``tokenizer.json`` as it is. ``AutoTokenizer`` on the same directory returns a
+    ``Qwen2Tokenizer`` (the model's ``config.json`` says qwen2) that gives the same ids.
     """
     from transformers import PreTrainedTokenizerFast
 

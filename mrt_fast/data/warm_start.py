@@ -1,11 +1,18 @@
-"""Warm-start SFT of the tiny model on the embedded task; writes an HF-loadable directory.
+"""Warm-start SFT of the tiny model on an embedded task; writes an HF-loadable directory.
 
-    python -m mrt_fast.data.warm_start --out DIR [--steps N] [--seed S]
+    python -m mrt_fast.data.warm_start --out DIR
 
 reproduces the checkpoint shipped in ``mrt_fast/data/assets/tiny`` (docs/data.md gives the
-exact command and the accuracy it reaches). The loop is plain PyTorch: cross-entropy on the
-assistant tokens of freshly generated problems and traces (every batch is new data, so there
-is no epoch and no overfitting to a fixed set), AdamW with warmup and cosine decay.
+exact command, its run time and what the checkpoint reaches). Two phases, plain PyTorch, every
+batch freshly generated (no epoch, no overfitting to a fixed set), AdamW with warmup and cosine
+decay in each:
+
+1. recall drills: a problem's prompt, then many single lookups written as the traces write a
+   step (``e b.``), with the loss only on the looked-up letter. Trained on whole traces alone, a
+   tiny model did not learn to read values from the prompt; drills on the lookup alone did
+   (docs/data.md gives both measurements and how many drill steps that takes).
+2. trace fine-tuning: cross-entropy on the whole assistant turn of warm-start traces
+   (``synthetic.sft_trace``), with a share of drills mixed into every batch.
 """
 
 from __future__ import annotations
@@ -20,16 +27,19 @@ from pathlib import Path
 
 import torch
 
-from .chat import IM_END, chat_prompt_text
+from .chat import IM_END, PARAGRAPH_SEP, THINK_START, chat_prompt_text
 from .grading import grade
 from .synthetic import (
     DEFAULT_DIFFICULTY,
+    DEFAULT_TASK,
     GRADER_KIND,
     Problem,
     TraceStyle,
     generate_problems,
     iter_problems,
+    lookups,
     sft_trace,
+    shorter_map,
 )
 from .tiny_model import tiny_model_config
 from .tokenizer import build_tiny_tokenizer
@@ -42,10 +52,17 @@ EVAL_SEED = 10_000  # problem stream for evaluation: disjoint seed from every tr
 class WarmStartConfig:
     """Everything that determines the warm-started checkpoint."""
 
-    steps: int = 1200
+    task: str = DEFAULT_TASK
+    drill_steps: int = 400  # phase 1
+    drill_batch_size: int = 16
+    drill_lookups: int = 24  # lookups per drill example
+    drill_lr: float = 3e-3
+    drill_min_links: int = 2  # drills list between this many links and all of a problem's links
+    steps: int = 500  # phase 2: traces
     batch_size: int = 16
-    lr: float = 1e-3  # 5e-3 stalls on the loss plateau (docs/data.md)
-    warmup_steps: int = 100
+    lr: float = 1e-3
+    drill_share: float = 0.25  # fraction of every phase-2 batch that is drills
+    warmup_steps: int = 100  # of each phase
     weight_decay: float = 0.01
     seed: int = 0
     difficulty: int = DEFAULT_DIFFICULTY
@@ -64,6 +81,25 @@ def encode_example(tokenizer, prompt: str, response: str) -> tuple[list[int], li
     return prompt_ids + response_ids, [IGNORE_INDEX] * len(prompt_ids) + response_ids
 
 
+def encode_drill(tokenizer, problem: Problem, rng: random.Random, n_lookups: int) -> tuple[list[int], list[int]]:
+    """A recall drill: the prompt, then ``n_lookups`` random lookups as step paragraphs.
+
+    Labels only on the looked-up fact (``b`` of ``e b.``); everything else is context.
+    """
+    pairs = [rng.choice(lookups(problem)) for _ in range(n_lookups)]
+    prompt = chat_prompt_text(problem.prompt) + THINK_START + "\n"
+    text = prompt + PARAGRAPH_SEP.join(f"{query}{fact}." for query, fact in pairs)
+    facts, pos = [], len(prompt)
+    for query, fact in pairs:
+        facts.append((pos + len(query), pos + len(query) + len(fact)))
+        pos += len(query) + len(fact) + 1 + len(PARAGRAPH_SEP)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    fact_starts = {start: end for start, end in facts}
+    labels = [tid if fact_starts.get(s) == e else IGNORE_INDEX
+              for tid, (s, e) in zip(enc["input_ids"], enc["offset_mapping"])]
+    return enc["input_ids"], labels
+
+
 def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a list of (ids, labels) into batch tensors."""
     width = max(len(ids) for ids, _ in examples)
@@ -78,23 +114,25 @@ def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[st
 
 
 def sft_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean cross-entropy of the next token over the labelled (assistant) positions."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    """Mean cross-entropy of the next token over the labelled (assistant) positions.
+
+    Logits are computed only where a label is (drills label a few tokens of each example).
+    """
+    hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    targets = batch["labels"][:, 1:]
+    keep = targets != IGNORE_INDEX
+    logits = model.get_output_embeddings()(hidden[:, :-1][keep])
     # Low-precision logits are upcast for the softmax; fp32/fp64 stay as they are.
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    return torch.nn.functional.cross_entropy(
-        logits[:, :-1].flatten(0, 1),
-        batch["labels"][:, 1:].flatten(),
-        ignore_index=IGNORE_INDEX,
-    )
+    return torch.nn.functional.cross_entropy(logits, targets[keep])
 
 
-def lr_at(step: int, cfg: WarmStartConfig) -> float:
+def lr_at(step: int, *, peak: float, steps: int, warmup: int) -> float:
     """Linear warmup, then cosine decay to 10% of the peak."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, progress))))
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
 @torch.no_grad()
@@ -146,13 +184,46 @@ def task_accuracy(
     return sum(grade(r, p.answer, kind=GRADER_KIND) for r, p in zip(responses, problems)) / len(problems)
 
 
+def fit_phase(model, next_batch, *, steps: int, peak: float, cfg: WarmStartConfig, phase: str, log, on_step=None):
+    """One training phase: AdamW from scratch, warmup + cosine, grad clip 1.0; returns its history."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=peak, betas=(0.9, 0.98),
+    )
+    history = []
+    start = time.perf_counter()
+    model.train()
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, peak=peak, steps=steps, warmup=cfg.warmup_steps)
+        loss = sft_loss(model, next_batch())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        history.append({"phase": phase, "step": step + 1, "loss": loss.item(),
+                        "seconds": time.perf_counter() - start})
+        if (step + 1) % 25 == 0 or step + 1 == steps:
+            log(f"{phase} step {step + 1}/{steps} loss {loss.item():.4f} ({time.perf_counter() - start:.0f}s)")
+        if on_step is not None:
+            model.eval()
+            on_step(step + 1, history[-1])
+            model.train()
+    model.eval()
+    return history
+
+
 def train(cfg: WarmStartConfig, *, log=print, snapshot_dir: str | Path | None = None):
-    """Run the warm-start SFT; returns ``(model, tokenizer, history)``.
+    """Run the two warm-start phases; returns ``(model, tokenizer, history)``.
 
     With ``cfg.eval_every``, the model is also evaluated (and saved under ``snapshot_dir``,
-    if given) every ``eval_every`` steps; neither changes the training itself.
+    if given) every ``eval_every`` steps of each phase; neither changes the training itself.
     """
     from transformers import AutoModelForCausalLM
+
+    from .task_probe import hop_accuracy
 
     torch.set_num_threads(cfg.threads)
     torch.use_deterministic_algorithms(True)
@@ -160,50 +231,57 @@ def train(cfg: WarmStartConfig, *, log=print, snapshot_dir: str | Path | None = 
     tokenizer = build_tiny_tokenizer()
     config = tiny_model_config(len(tokenizer), **(cfg.model_overrides or {}))
     config.eos_token_id, config.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    # Eager attention: on the CPU it is faster than SDPA at these sizes.
     if cfg.init_from:
-        model = AutoModelForCausalLM.from_pretrained(cfg.init_from, attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_pretrained(cfg.init_from, attn_implementation="eager")
         if model.config.vocab_size != len(tokenizer):
             raise ValueError(f"init_from={cfg.init_from!r} has vocab_size {model.config.vocab_size}, "
                              f"expected {len(tokenizer)} (the tiny tokenizer)")
     else:
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr, betas=(0.9, 0.98),
-    )
-    problems = iter_problems(seed=cfg.seed, difficulty=cfg.difficulty)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    problems = iter_problems(seed=cfg.seed, difficulty=cfg.difficulty, task=cfg.task)
+    drill_rng = random.Random(f"mrt-fast/warm-start-drills/{cfg.seed}")
     trace_rng = random.Random(f"mrt-fast/warm-start-traces/{cfg.seed}")
-    history = []
-    model.train()
-    start = time.perf_counter()
-    for step in range(cfg.steps):
+    eval_problems = generate_problems(64, seed=EVAL_SEED, difficulty=cfg.difficulty, task=cfg.task)
+
+    def drills(n: int) -> list:
+        # A random number of links per drill: on small maps the lookup is found quickly (drills on
+        # full maps alone stayed at chance for longer), and it carries over to the full ones.
         batch = []
-        for _ in range(cfg.batch_size):
+        for _ in range(n):
+            problem = next(problems)
+            n_links = drill_rng.randint(cfg.drill_min_links, max(cfg.drill_min_links, len(problem.meta.get("links", ()))))
+            batch.append(encode_drill(tokenizer, shorter_map(problem, n_links), drill_rng, cfg.drill_lookups))
+        return batch
+
+    def traces(n: int) -> list:
+        batch = []
+        for _ in range(n):
             problem = next(problems)
             batch.append(encode_example(tokenizer, problem.prompt, sft_trace(problem, trace_rng, TraceStyle())))
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, cfg)
-        loss = sft_loss(model, collate(batch, tokenizer.pad_token_id))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        history.append({"step": step + 1, "loss": loss.item(), "seconds": time.perf_counter() - start})
-        if (step + 1) % 25 == 0 or step + 1 == cfg.steps:
-            log(f"step {step + 1}/{cfg.steps} loss {loss.item():.4f} ({time.perf_counter() - start:.0f}s)")
-        if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
-            model.eval()
-            probe = generate_problems(64, seed=EVAL_SEED, difficulty=cfg.difficulty)
-            accuracy = task_accuracy(model, tokenizer, probe, max_new_tokens=cfg.max_new_tokens)
-            history[-1]["accuracy_t1"] = accuracy
-            log(f"step {step + 1}: accuracy at T=1 on 64 problems {accuracy:.3f}")
+        return batch
+
+    def evaluate(phase: str):
+        def on_step(step: int, record: dict) -> None:
+            if not cfg.eval_every or step % cfg.eval_every:
+                return
+            record["hop_accuracy"] = hop_accuracy(model, tokenizer, eval_problems)
+            message = f"{phase} step {step}: hop accuracy {record['hop_accuracy']:.3f}"
+            if phase == "traces":
+                record["accuracy_t1"] = task_accuracy(model, tokenizer, eval_problems, max_new_tokens=cfg.max_new_tokens)
+                message += f", accuracy at T=1 on 64 problems {record['accuracy_t1']:.3f}"
+            log(message)
             if snapshot_dir is not None:
-                model.save_pretrained(Path(snapshot_dir) / f"step{step + 1}")
-                tokenizer.save_pretrained(Path(snapshot_dir) / f"step{step + 1}")
-            model.train()
-    model.eval()
+                model.save_pretrained(Path(snapshot_dir) / f"{phase}{step}")
+                tokenizer.save_pretrained(Path(snapshot_dir) / f"{phase}{step}")
+        return on_step
+
+    pad = tokenizer.pad_token_id
+    n_drills = round(cfg.drill_share * cfg.batch_size)
+    history = fit_phase(model, lambda: collate(drills(cfg.drill_batch_size), pad), steps=cfg.drill_steps,
+                        peak=cfg.drill_lr, cfg=cfg, phase="drills", log=log, on_step=evaluate("drills"))
+    history += fit_phase(model, lambda: collate(traces(cfg.batch_size - n_drills) + drills(n_drills), pad),
+                         steps=cfg.steps, peak=cfg.lr, cfg=cfg, phase="traces", log=log, on_step=evaluate("traces"))
     return model, tokenizer, history
 
 
@@ -211,28 +289,37 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m mrt_fast.data.warm_start", description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="directory to write the checkpoint to")
     defaults = WarmStartConfig()
-    for name in ("steps", "batch_size", "seed", "difficulty", "threads", "eval_problems", "max_new_tokens",
-                 "eval_every", "warmup_steps"):
+    for name in ("drill_steps", "drill_batch_size", "drill_lookups", "steps", "batch_size", "seed", "difficulty",
+                 "threads", "eval_problems", "max_new_tokens", "eval_every", "warmup_steps"):
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
-    parser.add_argument("--lr", type=float, default=defaults.lr)
+    for name in ("drill_lr", "lr", "drill_share"):
+        parser.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(defaults, name))
+    parser.add_argument("--task", default=defaults.task, help="embedded task variant: chain (default) or recall")
     parser.add_argument("--init-from", default=None, help="continue training this checkpoint directory")
     parser.add_argument("--model-overrides", type=json.loads, default=None,
                         help='JSON object of Qwen2Config fields, e.g. \'{"num_hidden_layers": 2}\'')
     args = parser.parse_args(argv)
     cfg = WarmStartConfig(**{k: v for k, v in vars(args).items() if k != "out"})
     out = Path(args.out)
+    start = time.perf_counter()
     model, tokenizer, history = train(cfg, snapshot_dir=out / "snapshots" if cfg.eval_every else None)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
-    report = {"config": asdict(cfg), "final_loss": history[-1]["loss"], "train_seconds": history[-1]["seconds"]}
+    phase_seconds = {h["phase"]: h["seconds"] for h in history}  # each phase's clock, at its last step
+    report = {"config": asdict(cfg), "final_loss": history[-1]["loss"], "train_seconds": sum(phase_seconds.values())}
     if cfg.eval_problems:
-        problems = generate_problems(cfg.eval_problems, seed=EVAL_SEED, difficulty=cfg.difficulty)
+        from .task_probe import hop_accuracy
+
+        problems = generate_problems(cfg.eval_problems, seed=EVAL_SEED, difficulty=cfg.difficulty, task=cfg.task)
+        report["hop_accuracy"] = hop_accuracy(model, tokenizer, problems)
         for name, temperature in (("accuracy_t1", 1.0), ("accuracy_greedy", 0.0)):
             report[name] = task_accuracy(
                 model, tokenizer, problems, max_new_tokens=cfg.max_new_tokens, temperature=temperature
             )
-        print(f"accuracy at T=1: {report['accuracy_t1']:.3f}, greedy: {report['accuracy_greedy']:.3f}")
+        print(f"hop accuracy {report['hop_accuracy']:.3f}; accuracy at T=1: {report['accuracy_t1']:.3f}, "
+              f"greedy: {report['accuracy_greedy']:.3f}")
+    report["wall_seconds"] = time.perf_counter() - start
     (out / "warm_start.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 

@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="answer checker (default: exact for the embedded task, else math)")
     p.add_argument("--num-problems", type=int, default=DEFAULTS.num_problems, help="problems to evaluate (0: all rows of a file)")
     p.add_argument("--difficulty", type=int, default=None, help="embedded task difficulty (default: the task's)")
+    p.add_argument("--task", choices=("chain", "recall"), default="chain", help="embedded task variant (data.task)")
     p.add_argument("--n", type=int, default=DEFAULTS.samples, help="samples per problem")
     p.add_argument("--ks", type=_int_list, default=None, help="k values for pass@k and maj@k, e.g. 1,4,8 (default: powers of 2 up to n)")
     p.add_argument("--temperature", type=float, default=DEFAULTS.temperature, help="sampling temperature (0 = greedy)")
@@ -199,7 +200,8 @@ def prepare_out_dir(spec: str) -> Path:
 
 
 def load_dataset_rows(
-    spec: str, *, prompt_column: str, answer_column: str, num_problems: int, difficulty: int | None, grader: str
+    spec: str, *, prompt_column: str, answer_column: str, num_problems: int, difficulty: int | None, grader: str,
+    task: str = "chain",
 ) -> list[tuple[str, str]]:
     """``(prompt, answer)`` pairs; every answer is checked to be gradeable before sampling starts.
 
@@ -208,7 +210,7 @@ def load_dataset_rows(
     from mrt_fast.data.problems import EMBEDDED_EVAL_SEED, check_answers, embedded_examples, read_rows, rows_to_examples
 
     if spec == EMBEDDED:
-        examples = embedded_examples(max(num_problems, 1), seed=EMBEDDED_EVAL_SEED, difficulty=difficulty,
+        examples = embedded_examples(max(num_problems, 1), seed=EMBEDDED_EVAL_SEED, difficulty=difficulty, task=task,
                                      with_responses=False)
     else:
         if not Path(spec).is_file():
@@ -257,7 +259,7 @@ def run(args: argparse.Namespace) -> dict:
 
     rows = load_dataset_rows(
         args.dataset, prompt_column=args.prompt_column, answer_column=args.answer_column,
-        num_problems=args.num_problems, difficulty=args.difficulty, grader=grader_kind,
+        num_problems=args.num_problems, difficulty=args.difficulty, grader=grader_kind, task=args.task,
     )
     engine, tokenizer = load_engine(args.model, model_dir, device, args.engine)
     e = eval_config(args)

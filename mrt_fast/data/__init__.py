@@ -1,10 +1,10 @@
 """Data for mrt-fast: graders, chat conventions, dataset loading, the embedded task, the tiny model.
 
-Public API (CONTRACTS.md §4)::
+Public API (docs/contracts.md)::
 
     grade(response, answer, kind="math" | "exact") -> bool
     extract_boxed(text) -> str | None
-    load_problems(path, prompt_column=..., answer_column=...) -> list[Problem]
+    loading.load_problems(path, prompt_column=..., answer_column=...) -> list[Problem]
     synthetic.generate_problems(n, seed=..., difficulty=..., task="chain" | "recall") / synthetic.sft_trace(problem, rng)
     load_tiny_tokenizer(), tiny_model_config(), load_warm_start()
     python -m mrt_fast.data.warm_start --out DIR

@@ -2,7 +2,7 @@
 
 The thinking part of an assistant turn sits between ``THINK_START`` and ``THINK_END``; the
 final answer follows. Episodes are cut at paragraphs that start with one of ``CUES``
-(DESIGN.md §2). ``TERMINATION_TEXT`` is what the meta-prover appends to force the model to stop
+(the MRT authors' cues, docs/mrt.md). ``TERMINATION_TEXT`` is what the meta-prover appends to force the model to stop
 thinking (the MRT authors' default); it is not the model's text, so it is masked out of losses.
 """
 
@@ -12,7 +12,7 @@ THINK_START = "<think>"
 THINK_END = "</think>"
 PARAGRAPH_SEP = "\n\n"
 
-# The exploration cues of DESIGN.md §2, in the authors' order. A paragraph starting with one
+# The exploration cues of the MRT authors' analysis code, in their order. A paragraph starting with one
 # of them may start a new episode.
 CUES: tuple[str, ...] = (
     "Wait",

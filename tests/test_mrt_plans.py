@@ -248,7 +248,19 @@ def test_mrt_star_plan_cuts_after_the_best_episode(setup):
     def grader(response, answer):  # the true answer, or about half of the random ones
         return grade(response, answer, kind="exact") or parity_grader(response, answer)
 
-    responses = [[t] for t in s["traces"]]
+    # STaR keeps only traces whose own answer is right: the first warm-start trace of each problem
+    # that answers correctly after at least two attempts (episodes).
+    problems = generate_problems(2, seed=3)
+    traces = []
+    for p in problems:
+        for seed in range(100):
+            text = sft_trace(p, random.Random(seed))
+            ids = s["tok"](text, add_special_tokens=False)["input_ids"]
+            if grade(text, p.answer, kind="exact") and episode_trace(s["tok"], ids).num_episodes >= 2:
+                traces.append(ids)
+                break
+    assert len(traces) == len(problems)
+    responses = [[t] for t in traces]
     # Seeded: every boundary's context names its own random streams, so J differs between boundaries.
     meta_params = SamplingParams(temperature=1.0, max_new_tokens=10, seed=4)
     examples, metrics = mrt_star_plan(s["engine"], s["tok"], s["prompts"], s["answers"], grader=grader,
@@ -260,8 +272,8 @@ def test_mrt_star_plan_cuts_after_the_best_episode(setup):
         J = ex.J
         best = ex.cut_episodes
         assert J[best] == max(J[1:]) > J[0] and best == min(j for j in range(1, len(J)) if J[j] == J[best])
-        cut = episode_trace(s["tok"], s["traces"][ex.problem]).meta_boundaries()[best]
-        assert ex.response_ids[:cut] == s["traces"][ex.problem][:cut]
+        cut = episode_trace(s["tok"], traces[ex.problem]).meta_boundaries()[best]
+        assert ex.response_ids[:cut] == traces[ex.problem][:cut]
         assert ex.response_ids[cut:cut + T] == s["term"]
         assert ex.loss_mask == [1.0] * len(ex.response_ids)  # the stop at the cut is trained too
         assert ex.cut_tokens == cut

@@ -125,7 +125,7 @@ def test_converted_data_trains_with_the_math_grader(tmp_path):
     src, out = tmp_path / "d.jsonl", tmp_path / "o.jsonl"
     _write_jsonl(src, [{"problem": "1+1?", "solution": "\\boxed{2}"}])
     assert convert_hf_math.main(["--input", str(src), "--output", str(out)]) == 0
-    cfg = parse_args(["--data.source", str(out), "--data.grader", "math"]).config
+    cfg = parse_args(["--data.source", str(out), "--data.grader", "math", "--eval.num_problems", "0"]).config
     (example,) = load_examples(cfg)
     assert example.answer == "2" and "\\boxed{}" in example.prompt
     pytest.importorskip("math_verify", reason="the math grader needs math-verify")

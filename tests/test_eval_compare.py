@@ -86,35 +86,43 @@ def test_per_problem_table_by_hand():
     r = per_problem_result([[True, False], [True, True]], [[10, 30], [20, 20]],
                            [([50, 100], [0.5, 1.0]), ([100], [0.0])])
     t = per_problem_table(r, ["100"])
-    # pass@1, tokens, solved, J at the empty prefix, regret@100 (area: 0.5*50*0.5 + 50*(0.5+1)/2 = 50)
-    assert t.tolist() == [[0.5, 40.0, 1.0, 0.5, 0.5], [1.0, 40.0, 2.0, 0.0, 1.0]]
+    # pass@1, tokens, solved, J at the empty prefix, unproductive episodes (no texts: NaN),
+    # regret@100 (area: 0.5*50*0.5 + 50*(0.5+1)/2 = 50)
+    assert np.isnan(t[:, 4]).all()
+    assert t[:, [0, 1, 2, 3, 5]].tolist() == [[0.5, 40.0, 1.0, 0.5, 0.5], [1.0, 40.0, 2.0, 0.0, 1.0]]
+    r["per_problem"][0]["texts"] = ["Let me try c.\n\nWait, try c.\n\nWait, try d.", "Let me try d."]
+    r["per_problem"][1]["texts"] = ["", ""]
+    assert per_problem_table(r, ["100"])[:, 4].tolist() == [0.5, 0.0]  # one re-check of c in 2 samples
 
 
 def test_paired_bootstrap_exact_shift_has_a_zero_width_interval():
     from mrt_fast.eval.compare import paired_bootstrap
 
     rng = np.random.default_rng(1)
-    base = np.zeros((3, 20, 5))
+    base = np.zeros((3, 20, 6))
     base[..., 0] = rng.uniform(0, 0.8, (3, 20))       # pass@1
     base[..., 1] = 100.0                               # tokens
     base[..., 2] = 2.0                                 # solved
-    base[..., 4] = rng.uniform(0.2, 0.9, (3, 20))     # regret
+    base[..., 4] = 1.0                                 # unproductive episodes per trace
+    base[..., 5] = rng.uniform(0.2, 0.9, (3, 20))     # regret
     method = base.copy()
     method[..., 0] += 0.1
     method[..., 1] = 50.0                              # half the tokens for the same solves
-    method[..., 4] -= 0.05
+    method[..., 4] = 0.25
+    method[..., 5] -= 0.05
     out = paired_bootstrap(method, base, ["100"], resamples=200)
     assert out["pass@1"] == pytest.approx((0.1, 0.1, 0.1))
     assert out["regret@100"] == pytest.approx((-0.05, -0.05, -0.05))
     assert out["tokens_per_solve"] == pytest.approx((2.0, 2.0, 2.0))
     assert out["J_at_empty_prefix"] == (0.0, 0.0, 0.0)
+    assert out["unproductive_episodes"] == pytest.approx((-0.75, -0.75, -0.75))
 
 
 def test_paired_bootstrap_interval_covers_the_point_and_reflects_noise():
     from mrt_fast.eval.compare import paired_bootstrap
 
     rng = np.random.default_rng(2)
-    base = np.ones((3, 64, 5))
+    base = np.ones((3, 64, 6))
     base[..., 0] = rng.uniform(0, 1, (3, 64))
     noisy = base.copy()
     noisy[..., 0] = rng.uniform(0, 1, (3, 64))  # unrelated: the interval must include 0

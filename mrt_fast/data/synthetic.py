@@ -350,6 +350,14 @@ class Attempt:
     complete: bool  # its verdict line was written
 
 
+def rechecks(thinking: str) -> int:
+    """Attempts in a (possibly model-written) thinking text that try a key an earlier attempt of
+    the same text already tried (including the key already found): the task's unproductive
+    episodes, which add tokens and cannot change the answer."""
+    keys = [m.group(1) for m in _ATTEMPT_RE.finditer(thinking)]
+    return sum(key in keys[:i] for i, key in enumerate(keys))
+
+
 def read_attempts(problem: Problem, thinking: str) -> list[Attempt]:
     """The attempts of a (possibly model-written) thinking text, in order.
 

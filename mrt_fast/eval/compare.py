@@ -134,14 +134,24 @@ def write_comparison_plots(groups: dict[str, list[dict]], out_dir: str | Path) -
 # ----------------------------------------------------------------------------------------------
 
 
+def unproductive_episodes(row: dict) -> float:
+    """Mean re-checked attempts per sample of one problem of the embedded task (NaN without texts)."""
+    from mrt_fast.data.synthetic import rechecks
+
+    texts = row.get("texts")
+    return statistics.fmean(rechecks(t) for t in texts) if texts else float("nan")
+
+
 def per_problem_table(result: dict, budgets: list[str]) -> np.ndarray:
     """``[P, F]`` per held-out problem: pass@1, tokens generated, samples solved, J at the empty
-    prefix, then normalised regret at each budget (mean over that problem's measured traces)."""
+    prefix, unproductive episodes per trace (embedded task; NaN otherwise), then normalised regret
+    at each budget (mean over that problem's measured traces)."""
     rows = result.get("per_problem")
     curves = result.get("curves")
     if not rows or curves is None:
         raise ValueError("a paired comparison needs per-problem results: evaluate with python -m mrt_fast.eval "
                          "(its eval.json holds 'per_problem' and 'curves')")
+    embedded = result.get("config", {}).get("dataset", "embedded") == "embedded"
     by_problem: dict[int, list[dict]] = {}
     for c in curves:
         by_problem.setdefault(int(c["problem"]), []).append(c)
@@ -151,7 +161,8 @@ def per_problem_table(result: dict, budgets: list[str]) -> np.ndarray:
         if not mine:
             raise ValueError(f"problem {p} has no measured trace (curve) in this eval.json")
         values = [statistics.fmean(map(float, row["correct"])), float(sum(row["tokens"])),
-                  float(sum(row["correct"])), statistics.fmean(c["J"][0] for c in mine)]
+                  float(sum(row["correct"])), statistics.fmean(c["J"][0] for c in mine),
+                  unproductive_episodes(row) if embedded else float("nan")]
         values += [statistics.fmean(normalized_regret(c["tokens"], c["J"], float(b)) for c in mine) for b in budgets]
         table.append(values)
     return np.asarray(table, dtype=np.float64)
@@ -162,8 +173,10 @@ def _statistics(x: np.ndarray, budgets: list[str]) -> dict[str, float]:
     stats = {"pass@1": float(x[..., 0].mean()), "J_at_empty_prefix": float(x[..., 3].mean())}
     solved = x[..., 2].sum()
     stats["tokens_per_solve"] = float(x[..., 1].sum() / solved) if solved > 0 else float("inf")
+    if not np.isnan(x[..., 4]).any():
+        stats["unproductive_episodes"] = float(x[..., 4].mean())
     for i, b in enumerate(budgets):
-        stats[f"regret@{b}"] = float(x[..., 4 + i].mean())
+        stats[f"regret@{b}"] = float(x[..., 5 + i].mean())
     return stats
 
 

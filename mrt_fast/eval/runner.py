@@ -179,6 +179,7 @@ def evaluate(
                 "correct": correct,
                 "extracted": extracted,
                 "tokens": [len(c.token_ids) for c in per],
+                "texts": [c.text for c in per],  # for task-specific analyses (e.g. re-checked keys)
                 "pass@k": {str(k): pass_at_k(s.n, sum(correct), k) for k in s.ks},
                 "maj@k": {str(k): maj_at_k(extracted, correct, k) for k in s.ks},
             })

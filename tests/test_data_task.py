@@ -64,7 +64,7 @@ def test_chain_problem_structure_and_difficulty_knob(difficulty):
         # Exactly one key reaches the target in `hops` steps, following the listed links.
         assert [k for k in keys if chain_end(links, k, hops) == target] == [p.answer]
         assert target not in keys
-        listed = ", ".join(f"{a} {b}" for a, b in links.items())
+        listed = ", ".join(f"{a}{b}" for a, b in links.items())
         assert p.prompt == f"Links: {listed}.\nWhich of {', '.join(keys)} reaches {target} in {hops} steps?"
         assert len(links) >= CHAIN_LINKS
 
@@ -165,7 +165,7 @@ def test_chain_attempt_follows_the_links_one_paragraph_per_step():
         body = thinking[thinking.index(PARAGRAPH_SEP, opening_end) + 2 : attempt.end].split(PARAGRAPH_SEP)
         node = attempt.key
         for step in body[:-1]:
-            assert step == f"{node} {links[node]}."
+            assert step == f"{node}{links[node]}."
             node = links[node]
         assert len(body) == hops + 1
         assert body[-1] == (f"{node} is {target}, so yes." if node == target else f"{node} is not {target}, so no.")
@@ -194,7 +194,7 @@ def test_the_default_splitter_cuts_one_episode_per_attempt(task):
 
 def test_lookups_are_the_steps_of_the_traces():
     p = generate_problems(1, seed=4)[0]
-    assert sorted(lookups(p)) == sorted((f"{a} ", b) for a, b in p.meta["links"].items())
+    assert sorted(lookups(p)) == sorted((a, b) for a, b in p.meta["links"].items())
     q = generate_problems(1, seed=4, task="recall")[0]
     assert sorted(lookups(q)) == sorted((k, str(key_value(k))) for k in q.meta["keys"])
 
@@ -250,14 +250,32 @@ def test_tokenizer_round_trip_and_offsets(tokenizer):
 
 
 def test_tokenizer_keeps_facts_as_single_tokens(tokenizer):
-    pieces = [tokenizer.decode([i]) for i in tokenizer("<think>\nWait, try k.\n\nk q.\n</think>")["input_ids"]]
-    assert pieces == ["<think>", "\n", "Wait", ",", " try", " ", "k", ".", "\n\n", "k", " ", "q", ".", "\n", "</think>"]
+    pieces = [tokenizer.decode([i]) for i in tokenizer("<think>\nWait, try K.\n\nKQ.\n</think>")["input_ids"]]
+    assert pieces == ["<think>", "\n", "Wait", ",", " try", " ", "K", ".", "\n\n", "K", "Q", ".", "\n", "</think>"]
     assert len(tokenizer.tokenize("Alternatively")) == 1
     assert len(tokenizer.tokenize("Is there another way to think about this?")) == 9
-    assert len(tokenizer.tokenize("Links: b k, e q.\nWhich of b, e reaches q in 2 steps?")) == 28
+    prompt = [tokenizer.decode([i]) for i in tokenizer("Links: BK, EQ.\nWhich of B, E reaches Q in 2 steps?")["input_ids"]]
+    assert prompt == ["Links", ":", " ", "B", "K", ",", " ", "E", "Q", ".", "\n", "Which", " of", " ", "B", ",", " ",
+                      "E", " reaches", " ", "Q", " in", " ", "2", " steps", "?"]
     assert len(tokenizer.tokenize(" hello")) == 6  # not a task word: characters
     # No merge joins a space and a single letter: a key is the same token wherever it stands.
     assert [tokenizer.decode([i]) for i in tokenizer(" a b I")["input_ids"]] == [" ", "a", " ", "b", " ", "I"]
+
+
+def test_every_link_is_two_tokens_wherever_it_is_written(tokenizer):
+    """No merge joins two capitals or a space and a capital: the prompt's ``, EQ`` and a step's
+    ``EQ.`` give the model the same two tokens for every pair of the chain task's letters."""
+    from mrt_fast.data.synthetic import CHAIN_ALPHABET
+
+    def pieces(text):
+        return [tokenizer.decode([i]) for i in tokenizer(text, add_special_tokens=False)["input_ids"]]
+
+    for a in CHAIN_ALPHABET:
+        for b in CHAIN_ALPHABET:
+            assert pieces(f"Links: {a}{b}, {a}{b}.")[2:] == [" ", a, b, ",", " ", a, b, "."]
+            assert pieces(f"\n\n{a}{b}.") == ["\n\n", a, b, "."]
+        assert pieces(f"Let me try {a}.")[-3:] == [" ", a, "."]
+        assert pieces(f"{{{a}}}") == ["{", a, "}"]
 
 
 def test_chat_template(tokenizer):
@@ -277,7 +295,7 @@ def test_load_tokenizer_keeps_the_tiny_tokenizer_next_to_a_qwen2_config(tokenize
     from mrt_fast.data.tokenizer import ASSETS_DIR
 
     assert (ASSETS_DIR / "config.json").is_file()
-    text = "<think>\nLet me try k.\n\nk q.\n</think>"
+    text = "<think>\nLet me try K.\n\nKQ.\n</think>"
     assert load_tokenizer(ASSETS_DIR)(text)["input_ids"] == tokenizer(text)["input_ids"]
 
 

@@ -19,11 +19,11 @@ from mrt_fast.data.warm_start import (
     train,
 )
 
-# The shipped warm start was trained with the compute a shared 2-core machine allowed and does not
-# yet meet the task's criteria (docs/data.md, "Criteria and where they stand"): these tests state
-# the criteria and are expected to fail until a longer warm start is shipped (strict: a checkpoint
-# that meets them turns them into failures to remove the mark).
-UNDERTRAINED = pytest.mark.xfail(strict=True, reason="shipped warm start is undertrained: docs/data.md")
+# The shipped warm start reads the links (hop accuracy 1.0) but does not yet answer within the
+# pass@1 band (docs/data.md, "Criteria and where they stand"): the band test states the criterion
+# and is expected to fail until a better warm start is shipped (strict: a checkpoint that meets
+# it turns it into a failure to remove the mark).
+UNDERTRAINED = pytest.mark.xfail(strict=True, reason="shipped warm start answers below the band: docs/data.md")
 
 # Fresh problems: a seed used neither by training (0) nor by the warm start's own evaluation.
 BAND_SEED = 777
@@ -56,7 +56,6 @@ def test_shipped_checkpoint_answers_within_the_band(shipped_samples):
     assert 0.2 <= accuracy <= 0.7, accuracy
 
 
-@UNDERTRAINED
 @pytest.mark.slow
 def test_shipped_checkpoint_reads_links_from_the_prompt():
     from mrt_fast.data.task_probe import hop_accuracy
@@ -101,8 +100,8 @@ def test_drill_labels_only_the_looked_up_letters():
     steps = text.split("<think>\n")[1].split("\n\n")
     assert len(steps) == 12
     links = problem.meta["links"]
-    assert all(step == f"{step[0]} {links[step[0]]}." for step in steps)
-    assert [tok.decode([t]) for t in labels if t != IGNORE_INDEX] == [step[2] for step in steps]
+    assert all(step == f"{step[0]}{links[step[0]]}." for step in steps)
+    assert [tok.decode([t]) for t in labels if t != IGNORE_INDEX] == [step[1] for step in steps]
     # A shorter map lists fewer links, and its drills look up only those.
     small = shorter_map(problem, 3)
     assert small.prompt.count(",") == problem.prompt.count(",") - (len(links) - 3)

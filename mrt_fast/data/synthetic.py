@@ -3,11 +3,11 @@
 Two variants share the trace format (``task=``):
 
 ``"chain"`` (the default): chained key search over a random map drawn per problem. The prompt
-lists links (``b k`` means "b goes to k"; several letters may go to the same one) and asks which
+lists links (``BK`` means "B goes to K"; several letters may go to the same one) and asks which
 of ``difficulty`` keys reaches the target in 2 or 3 steps; exactly one does::
 
-    Links: y h, v p, n k, h n, k t, w k, t d, p g, g s, b s, r j, z r, e b, d h.
-    Which of d, y, v, k, e, z reaches g in 2 steps?
+    Links: YH, VP, NK, HN, KT, WK, TD, PG, GS, BS, RJ, ZR, EB, DH.
+    Which of D, Y, V, K, E, Z reaches G in 2 steps?
 
 ``"recall"``: a key's value is a fixed fact (the last digit of its place in the alphabet, ``b`` 2,
 ``k`` 11 -> 1) and the question asks for the key whose value is the target::
@@ -20,13 +20,13 @@ key, one paragraph per step (chain: the link followed; recall: the recalled valu
 verdict, each paragraph one line, so the default episode splitter (a new episode at a paragraph
 that starts with a cue, at least three paragraphs per episode) cuts at every attempt::
 
-    Wait, try e.
+    Wait, try E.
 
-    e b.
+    EB.
 
-    b s.
+    BS.
 
-    s is not g, so no.
+    S is not G, so no.
 
 Why the chain task is the default. In the recall task the answer is a fixed function of the
 question, so a model learns to answer it without thinking (docs/data.md gives the measurement),
@@ -53,6 +53,9 @@ from .chat import PARAGRAPH_SEP, TERMINATION_TEXT, THINK_END, THINK_START
 TASKS = ("chain", "recall")
 DEFAULT_TASK = "chain"
 KEY_ALPHABET = "bcdefghjkmnpqrstuvwxyz"  # no a/i/l/o: they read as words or digits
+# The chain task's letters are capitals: no word of the fixed text ends up as a token made of two
+# capitals or of a space and a capital (tokenizer.py), so a link is always the same two tokens.
+CHAIN_ALPHABET = KEY_ALPHABET.upper()
 DEFAULT_DIFFICULTY = 6
 MIN_DIFFICULTY = 2
 GRADER_KIND = "exact"
@@ -125,7 +128,7 @@ def key_value(key: str) -> int:
 # Every target digit has at least 19 keys of other values (3 letters share each of 3, 4 and 6).
 _MAX_RECALL_KEYS = 1 + min(sum(key_value(k) != t for k in KEY_ALPHABET) for t in range(10))
 # The chain task needs letters for the keys, the target and the answer's intermediate steps.
-_MAX_CHAIN_KEYS = len(KEY_ALPHABET) - max(CHAIN_HOPS)
+_MAX_CHAIN_KEYS = len(CHAIN_ALPHABET) - max(CHAIN_HOPS)
 MAX_DIFFICULTY = {"chain": _MAX_CHAIN_KEYS, "recall": _MAX_RECALL_KEYS}
 
 
@@ -155,23 +158,23 @@ def _chain_problem(rng: random.Random, difficulty: int) -> Problem:
     """
     while True:
         hops = rng.choice(CHAIN_HOPS)
-        keys = rng.sample(KEY_ALPHABET, difficulty)
-        target = rng.choice([c for c in KEY_ALPHABET if c not in keys])
+        keys = rng.sample(CHAIN_ALPHABET, difficulty)
+        target = rng.choice([c for c in CHAIN_ALPHABET if c not in keys])
         answer = keys[0]
-        steps = rng.sample([c for c in KEY_ALPHABET if c not in keys and c != target], hops - 1)
+        steps = rng.sample([c for c in CHAIN_ALPHABET if c not in keys and c != target], hops - 1)
         path = [answer, *steps, target]
         links = dict(zip(path, path[1:]))
         for key in keys[1:]:
             node = key
             for _ in range(hops):
                 if node not in links:
-                    links[node] = rng.choice(KEY_ALPHABET)
+                    links[node] = rng.choice(CHAIN_ALPHABET)
                 node = links[node]
         if [k for k in keys if chain_end(links, k, hops) == target] == [answer]:
             break
-    unused = [c for c in KEY_ALPHABET if c not in links]
+    unused = [c for c in CHAIN_ALPHABET if c not in links]
     for source in rng.sample(unused, max(0, min(len(unused), CHAIN_LINKS - len(links)))):
-        links[source] = rng.choice(KEY_ALPHABET)
+        links[source] = rng.choice(CHAIN_ALPHABET)
     listed = dict(rng.sample(sorted(links.items()), len(links)))
     keys = rng.sample(keys, difficulty)
     meta = {"task": "chain", "keys": keys, "links": listed, "target": target, "hops": hops,
@@ -182,9 +185,20 @@ def _chain_problem(rng: random.Random, difficulty: int) -> Problem:
 def chain_prompt(links: dict[str, str], keys: list[str], target: str, hops: int) -> str:
     """The chain task's question: the links in the given order, then the keys to try."""
     return (
-        f"Links: {', '.join(f'{a} {b}' for a, b in links.items())}.\n"
+        f"Links: {', '.join(link_text(a, b) for a, b in links.items())}.\n"
         f"Which of {', '.join(keys)} reaches {target} in {hops} steps?"
     )
+
+
+def link_text(source: str, target: str) -> str:
+    """A link as the prompt lists it and a step writes it: the two letters side by side (``EQ``).
+
+    No space between them: the step's next token is then predicted right at the source letter,
+    the plain induction pattern (find this letter earlier, copy what followed it). With a space,
+    the model must match two tokens back, and a 2-layer model stayed at chance on the drills
+    for 2,400 steps where it learned the adjacent form in 300 (docs/data.md).
+    """
+    return source + target
 
 
 def chain_end(links: dict[str, str], key: str, hops: int) -> str:
@@ -250,7 +264,7 @@ def attempt_steps(problem: Problem, key: str) -> list[str]:
     steps, node = [], key
     for _ in range(meta["hops"]):
         nxt = meta["links"][node]
-        steps.append(f"{node} {nxt}.")
+        steps.append(link_text(node, nxt) + ".")
         node = nxt
     return [*steps, verdict(node, meta["target"])]
 
@@ -258,12 +272,12 @@ def attempt_steps(problem: Problem, key: str) -> list[str]:
 def lookups(problem: Problem) -> list[tuple[str, str]]:
     """The single lookups a solution is made of, as ``(query, fact)`` texts of a step paragraph.
 
-    Chain: every listed link (``("e ", "b")`` for the step ``e b.``); recall: every key's value
+    Chain: every listed link (``("E", "B")`` for the step ``EB.``); recall: every key's value
     (``("k", "1")`` for ``k1.``). The warm start drills them before it trains on traces.
     """
     if problem.meta["task"] == "recall":
         return [(k, str(v)) for k, v in problem.meta["values"].items()]
-    return [(f"{a} ", b) for a, b in problem.meta["links"].items()]
+    return [(a, b) for a, b in problem.meta["links"].items()]
 
 
 def shorter_map(problem: Problem, n_links: int) -> Problem:
@@ -335,7 +349,7 @@ def sft_trace(problem: Problem, rng: random.Random, style: TraceStyle = TraceSty
 # ---- reading traces back ---------------------------------------------------------------------
 
 # An attempt opens with a line ending "try k." or "double-check k."; each paragraph is one line.
-_ATTEMPT_RE = re.compile(r"^[^\n]*\b(?:try|double-check) ([a-z])\.$", re.MULTILINE)
+_ATTEMPT_RE = re.compile(r"^[^\n]*\b(?:try|double-check) ([a-zA-Z])\.$", re.MULTILINE)
 _VERDICT_RE = re.compile(r"^[^\n]* so (?:yes|no)\.$", re.MULTILINE)
 
 

@@ -147,7 +147,7 @@ def measure_progress(model, tokenizer, *, n_problems=64, k=8, difficulty=DEFAULT
 
 @torch.no_grad()
 def hop_accuracy(model, tokenizer, problems: list[Problem], *, lookups_per_problem: int = 8, seed: int = 0) -> float:
-    """Teacher-forced argmax accuracy of single lookups (``e b.``: is ``b`` the most likely token?)."""
+    """Teacher-forced argmax accuracy of single lookups (``EB.``: is ``b`` the most likely token?)."""
     rng = random.Random(seed)
     examples = [encode_drill(tokenizer, p, rng, lookups_per_problem) for p in problems]
     correct = total = 0

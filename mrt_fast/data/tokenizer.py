@@ -5,9 +5,13 @@ of Qwen2's tokenizer (its pre-tokenisation regex, byte-level alphabet, NFC norma
 ``transformers.AutoTokenizer`` - which loads every directory whose ``config.json`` says
 ``model_type="qwen2"`` as ``Qwen2Tokenizer`` - gives the same ids as the tokenizer built here:
 
-* every word of the tasks, the cues and the termination text is one token, with or without its
-  leading space (``"Alternatively"``, ``" try"``); merges are added word by word, each at the
-  lowest priority, so a word the merges already build keeps its tokens;
+* every word of the tasks, the cues and the termination text is one token: a lowercase word
+  with or without its leading space (``" try"``), a capitalised one without (``"Alternatively"``);
+  merges are added word by word, each at the lowest priority, so a word the merges already build
+  keeps its tokens;
+* no merge joins two capitals, or a space and a capital: the chain task's letters are capitals,
+  so a link (``EQ``) is always the same two tokens, and a letter the same token, wherever it is
+  written;
 * digits, key letters and punctuation are single tokens (the model copies them by attention, one
   token per fact), a space before a key letter is its own token, ``"\\n\\n"`` is one token;
 * any other text falls back to smaller pieces, down to bytes, so every string round-trips and
@@ -67,8 +71,8 @@ def _pre_tokenizer():
 def task_words() -> list[str]:
     """Pre-tokens (in the byte-level alphabet) that become single tokens, in a fixed order.
 
-    Every pre-token of the fixed texts with two letters or more, each also with (or without) a
-    leading space, and the paragraph break.
+    Every pre-token of the fixed texts with two letters or more, without its leading space and,
+    if it starts with a lowercase letter, also with one; and the paragraph break.
     """
     pre = _pre_tokenizer()
     texts = (*TASK_PHRASES, *CUES, TERMINATION_TEXT, ANSWER_LEAD_IN)
@@ -80,7 +84,8 @@ def task_words() -> list[str]:
             if len(bare) < 2 or not (bare.isascii() and bare.isalpha()):
                 continue
             words.setdefault(bare, None)
-            words.setdefault(space + bare, None)
+            if bare[0].islower():
+                words.setdefault(space + bare, None)
     words.setdefault(pre.pre_tokenize_str(PARAGRAPH_SEP)[0][0], None)
     return list(words)
 

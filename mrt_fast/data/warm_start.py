@@ -8,7 +8,7 @@ batch freshly generated (no epoch, no overfitting to a fixed set), AdamW with wa
 decay in each:
 
 1. recall drills: a problem's prompt, then many single lookups written as the traces write a
-   step (``e b.``), with the loss only on the looked-up letter. Trained on whole traces alone, a
+   step (``EB.``), with the loss only on the looked-up letter. Trained on whole traces alone, a
    tiny model did not learn to read values from the prompt; drills on the lookup alone did
    (docs/data.md gives both measurements and how many drill steps that takes).
 2. trace fine-tuning: cross-entropy on the whole assistant turn of warm-start traces
@@ -53,12 +53,12 @@ class WarmStartConfig:
     """Everything that determines the warm-started checkpoint."""
 
     task: str = DEFAULT_TASK
-    drill_steps: int = 400  # phase 1
-    drill_batch_size: int = 16
-    drill_lookups: int = 24  # lookups per drill example
-    drill_lr: float = 3e-3
+    drill_steps: int = 600  # phase 1
+    drill_batch_size: int = 64
+    drill_lookups: int = 16  # lookups per drill example
+    drill_lr: float = 1e-3
     drill_min_links: int = 2  # drills list between this many links and all of a problem's links
-    steps: int = 500  # phase 2: traces
+    steps: int = 1500  # phase 2: traces
     batch_size: int = 16
     lr: float = 1e-3
     drill_share: float = 0.25  # fraction of every phase-2 batch that is drills
@@ -66,7 +66,7 @@ class WarmStartConfig:
     weight_decay: float = 0.01
     seed: int = 0
     difficulty: int = DEFAULT_DIFFICULTY
-    threads: int = 1  # CPU float reductions depend on the thread count: fixed for reproducibility
+    threads: int = 2  # CPU float reductions depend on the thread count: fixed for reproducibility
     eval_problems: int = 128
     max_new_tokens: int = 512
     init_from: str | None = None  # continue from this checkpoint directory instead of a fresh init
@@ -84,7 +84,7 @@ def encode_example(tokenizer, prompt: str, response: str) -> tuple[list[int], li
 def encode_drill(tokenizer, problem: Problem, rng: random.Random, n_lookups: int) -> tuple[list[int], list[int]]:
     """A recall drill: the prompt, then ``n_lookups`` random lookups as step paragraphs.
 
-    Labels only on the looked-up fact (``b`` of ``e b.``); everything else is context.
+    Labels only on the looked-up fact (``B`` of ``EB.``); everything else is context.
     """
     pairs = [rng.choice(lookups(problem)) for _ in range(n_lookups)]
     prompt = chat_prompt_text(problem.prompt) + THINK_START + "\n"

@@ -63,9 +63,12 @@ def test_chain_problem_structure_and_difficulty_knob(difficulty):
         assert len(keys) == len(set(keys)) == difficulty and hops in (2, 3)
         # Exactly one key reaches the target in `hops` steps, following the listed links.
         assert [k for k in keys if chain_end(links, k, hops) == target] == [p.answer]
-        assert target not in keys
+        assert target not in keys and target.isdigit() and len(target) == 1
+        # The target is the only node named by a digit; every other node is a capital.
+        assert all(c == target or c.isupper() for link in links.items() for c in link)
         listed = ", ".join(f"{a}{b}" for a, b in links.items())
-        assert p.prompt == f"Links: {listed}.\nWhich of {', '.join(keys)} reaches {target} in {hops} steps?"
+        words = {2: "two", 3: "three"}[hops]
+        assert p.prompt == f"Links: {listed}.\nWhich of {', '.join(keys)} reaches {target} in {words} steps?"
         assert len(links) >= CHAIN_LINKS
 
 
@@ -254,9 +257,12 @@ def test_tokenizer_keeps_facts_as_single_tokens(tokenizer):
     assert pieces == ["<think>", "\n", "Wait", ",", " try", " ", "K", ".", "\n\n", "K", "Q", ".", "\n", "</think>"]
     assert len(tokenizer.tokenize("Alternatively")) == 1
     assert len(tokenizer.tokenize("Is there another way to think about this?")) == 9
-    prompt = [tokenizer.decode([i]) for i in tokenizer("Links: BK, EQ.\nWhich of B, E reaches Q in 2 steps?")["input_ids"]]
-    assert prompt == ["Links", ":", " ", "B", "K", ",", " ", "E", "Q", ".", "\n", "Which", " of", " ", "B", ",", " ",
-                      "E", " reaches", " ", "Q", " in", " ", "2", " steps", "?"]
+    prompt = [tokenizer.decode([i]) for i in tokenizer("Links: BK, E7.\nWhich of B, E reaches 7 in two steps?")["input_ids"]]
+    assert prompt == ["Links", ":", " ", "B", "K", ",", " ", "E", "7", ".", "\n", "Which", " of", " ", "B", ",", " ",
+                      "E", " reaches", " ", "7", " in", " two", " steps", "?"]
+    verdicts = [tokenizer.decode([i]) for i in tokenizer("S is not 7, so no.\n\n7 is 7, so yes.")["input_ids"]]
+    assert verdicts == ["S", " is", " not", " ", "7", ",", " so", " no", ".", "\n\n",
+                        "7", " is", " ", "7", ",", " so", " yes", "."]
     assert len(tokenizer.tokenize(" hello")) == 6  # not a task word: characters
     # No merge joins a space and a single letter: a key is the same token wherever it stands.
     assert [tokenizer.decode([i]) for i in tokenizer(" a b I")["input_ids"]] == [" ", "a", " ", "b", " ", "I"]
@@ -264,14 +270,16 @@ def test_tokenizer_keeps_facts_as_single_tokens(tokenizer):
 
 def test_every_link_is_two_tokens_wherever_it_is_written(tokenizer):
     """No merge joins two capitals or a space and a capital: the prompt's ``, EQ`` and a step's
-    ``EQ.`` give the model the same two tokens for every pair of the chain task's letters."""
-    from mrt_fast.data.synthetic import CHAIN_ALPHABET
+    ``EQ.`` give the model the same two tokens for every pair of the chain task's nodes (the
+    letters and the target digits)."""
+    from mrt_fast.data.synthetic import CHAIN_ALPHABET, CHAIN_GOALS
 
     def pieces(text):
         return [tokenizer.decode([i]) for i in tokenizer(text, add_special_tokens=False)["input_ids"]]
 
-    for a in CHAIN_ALPHABET:
-        for b in CHAIN_ALPHABET:
+    nodes = CHAIN_ALPHABET + CHAIN_GOALS
+    for a in nodes:
+        for b in nodes:
             assert pieces(f"Links: {a}{b}, {a}{b}.")[2:] == [" ", a, b, ",", " ", a, b, "."]
             assert pieces(f"\n\n{a}{b}.") == ["\n\n", a, b, "."]
         assert pieces(f"Let me try {a}.")[-3:] == [" ", a, "."]

@@ -109,6 +109,31 @@ def test_drill_labels_only_the_looked_up_letters():
     assert {s[0] for s in tok.decode(ids).split("<think>\n")[1].split("\n\n")} <= set(list(links)[:3])
 
 
+def test_drills_with_verdicts_label_the_fact_and_the_whole_verdict():
+    import random
+
+    from mrt_fast.data import build_tiny_tokenizer
+    from mrt_fast.data.synthetic import verdict
+
+    tok = build_tiny_tokenizer()
+    problem = generate_problems(1, seed=5)[0]
+    target, links = problem.meta["target"], problem.meta["links"]
+    ids, labels = encode_drill(tok, problem, random.Random(2), 30, verdict_share=0.5)
+    paragraphs = tok.decode(ids).split("<think>\n")[1].split("\n\n")
+    expected, verdicts = [], 0
+    for i, paragraph in enumerate(paragraphs):
+        if " so " in paragraph:  # a verdict closes the lookup just before it
+            reached = paragraphs[i - 1][1]
+            assert paragraph == verdict(reached, target)
+            expected += [tok.decode([t]) for t in tok(paragraph)["input_ids"]]
+            verdicts += 1
+        else:
+            assert paragraph == f"{paragraph[0]}{links[paragraph[0]]}."
+            expected.append(paragraph[1])
+    assert 5 <= verdicts <= 25 and any(p == verdict(target, target) for p in paragraphs)
+    assert [tok.decode([t]) for t in labels if t != IGNORE_INDEX] == expected
+
+
 def test_sft_loss_matches_a_per_example_fp64_reference():
     from transformers import AutoModelForCausalLM
 

@@ -4,10 +4,11 @@ Two variants share the trace format (``task=``):
 
 ``"chain"`` (the default): chained key search over a random map drawn per problem. The prompt
 lists links (``BK`` means "B goes to K"; several letters may go to the same one) and asks which
-of ``difficulty`` keys reaches the target in 2 or 3 steps; exactly one does::
+of ``difficulty`` keys reaches the target, the one node named by a digit, in 2 or 3 steps;
+exactly one does::
 
-    Links: YH, VP, NK, HN, KT, WK, TD, PG, GS, BS, RJ, ZR, EB, DH.
-    Which of D, Y, V, K, E, Z reaches G in 2 steps?
+    Links: YH, VP, NK, HN, KT, WK, TD, P7, 7S, BS, RJ, ZR, EB, DH.
+    Which of D, Y, V, K, E, Z reaches 7 in two steps?
 
 ``"recall"``: a key's value is a fixed fact (the last digit of its place in the alphabet, ``b`` 2,
 ``k`` 11 -> 1) and the question asks for the key whose value is the target::
@@ -26,7 +27,7 @@ that starts with a cue, at least three paragraphs per episode) cuts at every att
 
     BS.
 
-    S is not G, so no.
+    S is not 7, so no.
 
 Why the chain task is the default. In the recall task the answer is a fixed function of the
 question, so a model learns to answer it without thinking (docs/data.md gives the measurement),
@@ -60,9 +61,16 @@ DEFAULT_DIFFICULTY = 6
 MIN_DIFFICULTY = 2
 GRADER_KIND = "exact"
 
-# Chain task: steps per problem (drawn uniformly) and links listed in the prompt (at least).
+# Chain task: steps per problem (drawn uniformly, written as a word) and links listed in the
+# prompt (at least).
 CHAIN_HOPS = (2, 3)
+HOP_WORDS = {2: "two", 3: "three"}
 CHAIN_LINKS = 14
+# The target is the one node named by a digit (drawn per problem). Whether the letter an attempt
+# reached is the target is then visible in that letter's own token, so the verdict needs no
+# second retrieval: with a capital for a target, a 2-layer model got 19% of its verdicts wrong
+# (docs/data.md). The digit carries no information about which key reaches it.
+CHAIN_GOALS = "123456789"
 
 # Cues that open a new attempt, with sampling weights (all cues of the splitter appear).
 NEW_ATTEMPT_CUES: tuple[tuple[str, float], ...] = (
@@ -105,7 +113,7 @@ class TraceStyle:
     give_up_prob: float = 0.3
     give_up_first_prob: float = 0.05
     recheck_found_prob: float = 0.2
-    terminate_found_prob: float = 0.15
+    terminate_found_prob: float = 0.5
 
     def __post_init__(self) -> None:
         for name in ("recheck_prob", "give_up_prob", "give_up_first_prob", "recheck_found_prob",
@@ -175,6 +183,10 @@ def _chain_problem(rng: random.Random, difficulty: int) -> Problem:
     unused = [c for c in CHAIN_ALPHABET if c not in links]
     for source in rng.sample(unused, max(0, min(len(unused), CHAIN_LINKS - len(links)))):
         links[source] = rng.choice(CHAIN_ALPHABET)
+    # The target is renamed to a digit: see CHAIN_GOALS.
+    goal = rng.choice(CHAIN_GOALS)
+    links = {(goal if a == target else a): (goal if b == target else b) for a, b in links.items()}
+    target = goal
     listed = dict(rng.sample(sorted(links.items()), len(links)))
     keys = rng.sample(keys, difficulty)
     meta = {"task": "chain", "keys": keys, "links": listed, "target": target, "hops": hops,
@@ -186,7 +198,7 @@ def chain_prompt(links: dict[str, str], keys: list[str], target: str, hops: int)
     """The chain task's question: the links in the given order, then the keys to try."""
     return (
         f"Links: {', '.join(link_text(a, b) for a, b in links.items())}.\n"
-        f"Which of {', '.join(keys)} reaches {target} in {hops} steps?"
+        f"Which of {', '.join(keys)} reaches {target} in {HOP_WORDS[hops]} steps?"
     )
 
 
@@ -299,7 +311,8 @@ def answer_text(key: str) -> str:
     return f"The answer is \\boxed{{{key}}}."
 
 
-def _opening(rng: random.Random, key: str, *, first: bool, recheck: bool) -> str:
+def attempt_opening(rng: random.Random, key: str, *, first: bool, recheck: bool) -> str:
+    """The paragraph that opens an attempt on ``key`` (a cue, or the first attempt's ``Let me try``)."""
     if first:
         return f"Let me try {key}."
     if recheck and rng.random() < 0.7:
@@ -326,7 +339,7 @@ def sft_trace(problem: Problem, rng: random.Random, style: TraceStyle = TraceSty
     while found is None and not gave_up_first:
         recheck = bool(tried) and rng.random() < style.recheck_prob
         key = rng.choice(tried) if recheck else order[len(tried)]
-        paragraphs += [_opening(rng, key, first=not paragraphs, recheck=recheck), *attempt_steps(problem, key)]
+        paragraphs += [attempt_opening(rng, key, first=not paragraphs, recheck=recheck), *attempt_steps(problem, key)]
         if not recheck:
             tried.append(key)
         if key == problem.answer:
@@ -339,7 +352,7 @@ def sft_trace(problem: Problem, rng: random.Random, style: TraceStyle = TraceSty
         separator = PARAGRAPH_SEP if paragraphs else ""
         return thinking + separator + TERMINATION_TEXT + answer_text(guess)
     if rng.random() < style.recheck_found_prob:
-        opening = _opening(rng, found, first=False, recheck=True)
+        opening = attempt_opening(rng, found, first=False, recheck=True)
         thinking += PARAGRAPH_SEP + PARAGRAPH_SEP.join([opening, *attempt_steps(problem, found)])
     if rng.random() < style.terminate_found_prob:
         return thinking + PARAGRAPH_SEP + TERMINATION_TEXT + answer_text(found)
@@ -362,6 +375,11 @@ class Attempt:
     productive: bool  # a listed key not tried before (finds the answer or removes a candidate)
     found: bool  # this attempt checked the answer key
     complete: bool  # its verdict line was written
+
+
+def verdict_spans(text: str) -> list[tuple[int, int]]:
+    """Character spans of the verdict lines (``... so yes.`` / ``... so no.``) in a trace."""
+    return [m.span() for m in _VERDICT_RE.finditer(text)]
 
 
 def rechecks(thinking: str) -> int:

@@ -4,12 +4,18 @@
 
 * hop accuracy (:func:`hop_accuracy`): teacher-forced argmax accuracy of single lookups read
   from the prompt, on fresh problems;
+* verdict accuracy (:func:`verdict_accuracy`): how often a warm-start trace's verdict lines
+  (``S is not G, so no.``), teacher-forced, are all argmax-correct;
 * pass@1 at T=1 on fresh problems;
 * progress (:func:`measure_progress`): for each problem, sample a trace, read its attempts back
   (``read_attempts``), and at the empty prefix and after every complete attempt force
   termination (append ``TERMINATION_TEXT``) and sample ``k`` answers. The table groups ``J`` (the
   fraction of correct forced answers) by the number of productive attempts completed so far, and
   reports the mean change of ``J`` over productive and over unproductive episodes;
+* scripted progress (:func:`scripted_progress`): the same J, on thinking prefixes written by the
+  task itself (keys tried in a random order until the answer is found, no give-ups), so the
+  model's own stopping does not select which prefixes are measured: J after each failed attempt,
+  right after the attempt that finds the answer, and the change a re-check of the last key makes;
 * the shortcut (:func:`direct_answer_probe`): fine-tune a copy on answers without thinking
   (``<think>\n</think>`` then the answer) and measure how often its direct answer is right.
 """
@@ -33,9 +39,13 @@ from .synthetic import (
     GRADER_KIND,
     Problem,
     answer_text,
+    attempt_opening,
+    attempt_steps,
     generate_problems,
     iter_problems,
     read_attempts,
+    sft_trace,
+    verdict_spans,
 )
 from .warm_start import (
     EVAL_SEED,
@@ -55,6 +65,7 @@ PROGRESS_SEED = EVAL_SEED + 1
 PASS_SEED = EVAL_SEED + 2
 HOP_SEED = EVAL_SEED + 3
 DIRECT_SEED = EVAL_SEED + 4
+SCRIPTED_SEED = EVAL_SEED + 5
 
 
 @dataclass
@@ -145,6 +156,68 @@ def measure_progress(model, tokenizer, *, n_problems=64, k=8, difficulty=DEFAULT
     )
 
 
+@dataclass
+class ScriptedProgress:
+    """J on scripted prefixes (see :func:`scripted_progress`)."""
+
+    j_failed: dict[int, tuple[float, int]]  # failed attempts so far (answer not tried) -> (mean J, prefixes)
+    j_found: float  # right after the attempt that finds the answer
+    delta_recheck: float  # mean change of J when the last attempt is re-checked
+    n_problems: int
+    difficulty: int
+
+    def j_by_productive(self) -> dict[int, float]:
+        """Expected J after ``c`` productive attempts in a random order: the answer is among them
+        with probability c / difficulty (J then is ``j_found``), else J is ``j_failed[c]``."""
+        n = self.difficulty
+        return {c: c / n * self.j_found + (n - c) / n * j for c, (j, _) in self.j_failed.items()}
+
+    def markdown(self) -> str:
+        n = self.difficulty
+        lines = ["| productive attempts | J, answer not yet tried | prefixes | chance among the untried keys "
+                 "| expected J in a random order |", "|---|---|---|---|---|"]
+        expected = self.j_by_productive()
+        for c, (j, count) in sorted(self.j_failed.items()):
+            lines.append(f"| {c} | {j:.3f} | {count} | {1 / (n - c):.3f} | {expected[c]:.3f} |")
+        lines.append("")
+        lines.append(f"J right after the attempt that finds the answer: {self.j_found:.3f} ({self.n_problems}); "
+                     f"mean change of J when the last attempt is re-checked: {self.delta_recheck:+.3f}")
+        return "\n".join(lines)
+
+
+def scripted_progress(model, tokenizer, *, n_problems=64, k=8, difficulty=DEFAULT_DIFFICULTY, task=DEFAULT_TASK,
+                      temperature=1.0, seed=SCRIPTED_SEED) -> ScriptedProgress:
+    """J along thinking prefixes written by the task: every key tried once, in a random order,
+    up to the one that finds the answer; beside each prefix, the same prefix with its last attempt
+    re-checked (an unproductive episode)."""
+    problems = generate_problems(n_problems, seed=seed, difficulty=difficulty, task=task)
+    rng = random.Random(seed)
+    failed: dict[int, list[float]] = defaultdict(list)
+    found, rechecks = [], []
+    for i, problem in enumerate(problems):
+        keys = problem.meta["keys"]
+        paragraphs: list[str] = []
+        prefixes, rechecked = [""], []
+        for key in rng.sample(keys, len(keys)):
+            attempt = [attempt_opening(rng, key, first=not paragraphs, recheck=False), *attempt_steps(problem, key)]
+            paragraphs += attempt
+            again = [attempt_opening(rng, key, first=False, recheck=True), *attempt_steps(problem, key)]
+            prefixes.append(PARAGRAPH_SEP.join(paragraphs))
+            rechecked.append(PARAGRAPH_SEP.join(paragraphs + again))
+            if key == problem.answer:
+                break
+        J = forced_termination_accuracy(model, tokenizer, problem, prefixes + rechecked, k=k,
+                                        temperature=temperature, seed=seed + i)
+        own, again = J[:len(prefixes)], J[len(prefixes):]
+        for c, j in enumerate(own[:-1]):
+            failed[c].append(j)
+        found.append(own[-1])
+        rechecks += [b - a for a, b in zip(own[1:], again)]
+    mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
+    return ScriptedProgress({c: (mean(v), len(v)) for c, v in failed.items()}, mean(found), mean(rechecks),
+                            n_problems, difficulty)
+
+
 @torch.no_grad()
 def hop_accuracy(model, tokenizer, problems: list[Problem], *, lookups_per_problem: int = 8, seed: int = 0) -> float:
     """Teacher-forced argmax accuracy of single lookups (``EB.``: is ``b`` the most likely token?)."""
@@ -159,6 +232,30 @@ def hop_accuracy(model, tokenizer, problems: list[Problem], *, lookups_per_probl
         correct += int((logits[:, :-1].argmax(-1)[keep] == labels[keep]).sum())
         total += int(keep.sum())
     return correct / total
+
+
+@torch.no_grad()
+def verdict_accuracy(model, tokenizer, problems: list[Problem], *, seed: int = 0) -> float:
+    """Fraction of verdict lines in warm-start traces whose every token is the argmax, teacher-forced.
+
+    The verdict compares the letter an attempt reached with the target read from the question:
+    the second retrieval of every attempt, and what decides whether a found key is recognised.
+    """
+    rng = random.Random(seed)
+    correct = total = 0
+    for problem in problems:
+        response = sft_trace(problem, rng)
+        prompt = chat_prompt_text(problem.prompt)
+        enc = tokenizer(prompt + response, add_special_tokens=False, return_offsets_mapping=True,
+                        return_tensors="pt")
+        predicted = model(input_ids=enc["input_ids"]).logits[0, :-1].argmax(-1)
+        hits = predicted == enc["input_ids"][0, 1:]
+        starts = enc["offset_mapping"][0, 1:, 0]
+        for start, end in verdict_spans(response):
+            inside = (starts >= len(prompt) + start) & (starts < len(prompt) + end)
+            correct += bool(hits[inside].all())
+            total += 1
+    return correct / max(total, 1)
 
 
 DIRECT_PREFIX = THINK_START + "\n" + THINK_END + "\n\n"
@@ -213,6 +310,8 @@ def _task_checks(model, tokenizer, args) -> dict:
     """Hop accuracy, pass@1 and the progress table, printed as they come."""
     results = {"hop_accuracy": hop_accuracy(model, tokenizer, generate_problems(128, seed=HOP_SEED, task=args.task))}
     print(f"hop accuracy (128 problems x 8 lookups): {results['hop_accuracy']:.3f}", flush=True)
+    results["verdict_accuracy"] = verdict_accuracy(model, tokenizer, generate_problems(128, seed=HOP_SEED, task=args.task))
+    print(f"verdict accuracy (128 traces, teacher-forced): {results['verdict_accuracy']:.3f}", flush=True)
     results["pass_at_1_t1"] = task_accuracy(
         model, tokenizer, generate_problems(args.pass_problems, seed=PASS_SEED, task=args.task), temperature=1.0)
     print(f"pass@1 at T=1 ({args.pass_problems} problems): {results['pass_at_1_t1']:.3f}", flush=True)
@@ -225,6 +324,12 @@ def _task_checks(model, tokenizer, args) -> dict:
                            "delta_unproductive": table.delta_redundant, "n_productive": table.n_productive,
                            "n_unproductive": table.n_redundant, "trace_accuracy": table.accuracy}
     print(table.markdown(), flush=True)
+    scripted = scripted_progress(model, tokenizer, n_problems=args.problems, k=args.k, task=args.task,
+                                 temperature=args.temperature)
+    results["scripted_progress"] = {"j_failed": scripted.j_failed, "j_found": scripted.j_found,
+                                    "delta_recheck": scripted.delta_recheck,
+                                    "j_by_productive": scripted.j_by_productive()}
+    print(scripted.markdown(), flush=True)
     return results
 
 

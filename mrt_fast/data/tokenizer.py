@@ -49,7 +49,7 @@ TASK_PHRASES = (
     "Find the key whose value is",
     "Keys",
     "Links",
-    "Which of reaches in steps",
+    "Which of reaches in two three steps",
     "Let me try",
     "is not",
     "so yes",

@@ -40,6 +40,7 @@ from .synthetic import (
     lookups,
     sft_trace,
     shorter_map,
+    verdict,
 )
 from .tiny_model import tiny_model_config
 from .tokenizer import build_tiny_tokenizer
@@ -56,6 +57,7 @@ class WarmStartConfig:
     drill_steps: int = 600  # phase 1
     drill_batch_size: int = 64
     drill_lookups: int = 16  # lookups per drill example
+    drill_verdicts: float = 0.0  # share of drilled lookups followed by a verdict paragraph
     drill_lr: float = 1e-3
     drill_min_links: int = 2  # drills list between this many links and all of a problem's links
     steps: int = 1500  # phase 2: traces
@@ -81,21 +83,38 @@ def encode_example(tokenizer, prompt: str, response: str) -> tuple[list[int], li
     return prompt_ids + response_ids, [IGNORE_INDEX] * len(prompt_ids) + response_ids
 
 
-def encode_drill(tokenizer, problem: Problem, rng: random.Random, n_lookups: int) -> tuple[list[int], list[int]]:
-    """A recall drill: the prompt, then ``n_lookups`` random lookups as step paragraphs.
+def encode_drill(
+    tokenizer, problem: Problem, rng: random.Random, n_lookups: int, verdict_share: float = 0.0
+) -> tuple[list[int], list[int]]:
+    """A drill: the prompt, then ``n_lookups`` random lookups written as step paragraphs.
 
-    Labels only on the looked-up fact (``B`` of ``EB.``); everything else is context.
+    With ``verdict_share``, that fraction of the lookups is followed by the verdict paragraph an
+    attempt would close with if that step were its last (``B is not G, so no.``); half of those
+    look up a link into the target (when the map has one), so both verdicts are drilled. Labels
+    are on the looked-up fact (``B`` of ``EB.``) and on the verdict; the rest is context.
     """
-    pairs = [rng.choice(lookups(problem)) for _ in range(n_lookups)]
+    facts = lookups(problem)
+    target = str(problem.meta["target"])
+    into_target = [f for f in facts if f[1] == target]
+    segments: list[tuple[str, bool]] = []  # (text, labelled)
+    for i in range(n_lookups):
+        with_verdict = verdict_share > 0 and rng.random() < verdict_share
+        pool = into_target if with_verdict and into_target and rng.random() < 0.5 else facts
+        query, fact = rng.choice(pool)
+        if i:
+            segments.append((PARAGRAPH_SEP, False))
+        segments += [(query, False), (fact, True), (".", False)]
+        if with_verdict:
+            segments += [(PARAGRAPH_SEP, False), (verdict(fact, target), True)]
     prompt = chat_prompt_text(problem.prompt) + THINK_START + "\n"
-    text = prompt + PARAGRAPH_SEP.join(f"{query}{fact}." for query, fact in pairs)
-    facts, pos = [], len(prompt)
-    for query, fact in pairs:
-        facts.append((pos + len(query), pos + len(query) + len(fact)))
-        pos += len(query) + len(fact) + 1 + len(PARAGRAPH_SEP)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    fact_starts = {start: end for start, end in facts}
-    labels = [tid if fact_starts.get(s) == e else IGNORE_INDEX
+    spans, pos = [], len(prompt)
+    for text, labelled in segments:
+        if labelled:
+            spans.append((pos, pos + len(text)))
+        pos += len(text)
+    enc = tokenizer(prompt + "".join(text for text, _ in segments), add_special_tokens=False,
+                    return_offsets_mapping=True)
+    labels = [tid if any(a <= s and e <= b for a, b in spans) else IGNORE_INDEX
               for tid, (s, e) in zip(enc["input_ids"], enc["offset_mapping"])]
     return enc["input_ids"], labels
 
@@ -223,7 +242,7 @@ def train(cfg: WarmStartConfig, *, log=print, snapshot_dir: str | Path | None = 
     """
     from transformers import AutoModelForCausalLM
 
-    from .task_probe import hop_accuracy
+    from .task_probe import hop_accuracy, verdict_accuracy
 
     torch.set_num_threads(cfg.threads)
     torch.use_deterministic_algorithms(True)
@@ -251,7 +270,8 @@ def train(cfg: WarmStartConfig, *, log=print, snapshot_dir: str | Path | None = 
         for _ in range(n):
             problem = next(problems)
             n_links = drill_rng.randint(cfg.drill_min_links, max(cfg.drill_min_links, len(problem.meta.get("links", ()))))
-            batch.append(encode_drill(tokenizer, shorter_map(problem, n_links), drill_rng, cfg.drill_lookups))
+            batch.append(encode_drill(tokenizer, shorter_map(problem, n_links), drill_rng, cfg.drill_lookups,
+                                      cfg.drill_verdicts))
         return batch
 
     def traces(n: int) -> list:
@@ -266,7 +286,9 @@ def train(cfg: WarmStartConfig, *, log=print, snapshot_dir: str | Path | None = 
             if not cfg.eval_every or step % cfg.eval_every:
                 return
             record["hop_accuracy"] = hop_accuracy(model, tokenizer, eval_problems)
-            message = f"{phase} step {step}: hop accuracy {record['hop_accuracy']:.3f}"
+            record["verdict_accuracy"] = verdict_accuracy(model, tokenizer, eval_problems)
+            message = (f"{phase} step {step}: hop accuracy {record['hop_accuracy']:.3f}, "
+                       f"verdict accuracy {record['verdict_accuracy']:.3f}")
             if phase == "traces":
                 record["accuracy_t1"] = task_accuracy(model, tokenizer, eval_problems, max_new_tokens=cfg.max_new_tokens)
                 message += f", accuracy at T=1 on 64 problems {record['accuracy_t1']:.3f}"
@@ -292,7 +314,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name in ("drill_steps", "drill_batch_size", "drill_lookups", "steps", "batch_size", "seed", "difficulty",
                  "threads", "eval_problems", "max_new_tokens", "eval_every", "warmup_steps"):
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
-    for name in ("drill_lr", "lr", "drill_share"):
+    for name in ("drill_lr", "lr", "drill_share", "drill_verdicts"):
         parser.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(defaults, name))
     parser.add_argument("--task", default=defaults.task, help="embedded task variant: chain (default) or recall")
     parser.add_argument("--init-from", default=None, help="continue training this checkpoint directory")
@@ -309,15 +331,16 @@ def main(argv: list[str] | None = None) -> dict:
     phase_seconds = {h["phase"]: h["seconds"] for h in history}  # each phase's clock, at its last step
     report = {"config": asdict(cfg), "final_loss": history[-1]["loss"], "train_seconds": sum(phase_seconds.values())}
     if cfg.eval_problems:
-        from .task_probe import hop_accuracy
+        from .task_probe import hop_accuracy, verdict_accuracy
 
         problems = generate_problems(cfg.eval_problems, seed=EVAL_SEED, difficulty=cfg.difficulty, task=cfg.task)
         report["hop_accuracy"] = hop_accuracy(model, tokenizer, problems)
+        report["verdict_accuracy"] = verdict_accuracy(model, tokenizer, problems)
         for name, temperature in (("accuracy_t1", 1.0), ("accuracy_greedy", 0.0)):
             report[name] = task_accuracy(
                 model, tokenizer, problems, max_new_tokens=cfg.max_new_tokens, temperature=temperature
             )
-        print(f"hop accuracy {report['hop_accuracy']:.3f}; accuracy at T=1: {report['accuracy_t1']:.3f}, "
+        print(f"hop accuracy {report['hop_accuracy']:.3f}; verdict accuracy {report['verdict_accuracy']:.3f}; accuracy at T=1: {report['accuracy_t1']:.3f}, "
               f"greedy: {report['accuracy_greedy']:.3f}")
     report["wall_seconds"] = time.perf_counter() - start
     (out / "warm_start.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -163,3 +163,23 @@ def test_cli_baseline_writes_paired_table(tmp_path):
     assert paired["mrt"]["pass@1"]["estimate"] == pytest.approx(0.75 - 0.25)
     assert paired["mrt"]["tokens_per_solve"]["estimate"] == pytest.approx((80 / 1) / (60 / 3))
     assert "Differences to grpo" in (out / "paired.md").read_text()
+
+
+def test_cli_keeps_a_single_reference_run_out_of_the_pairing_and_says_so(tmp_path):
+    """The experiment's table shows the starting checkpoint (one evaluation) beside arms of several
+    seeds; the paired table compares the arms and names the group it left out."""
+    a = per_problem_result([[True, False]], [[10, 30]], [([50, 100], [0.5, 1.0])])
+    b = per_problem_result([[True, True]], [[10, 10]], [([50, 100], [1.0, 1.0])])
+    paths = {}
+    for name, r in (("g0", a), ("g1", a), ("m0", b), ("m1", b), ("w", a)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "eval.json").write_text(json.dumps(r))
+        paths[name] = str(tmp_path / name)
+    out = tmp_path / "cmp"
+    main(["--group", "start", paths["w"], "--group", "grpo", paths["g0"], paths["g1"],
+          "--group", "mrt", paths["m0"], paths["m1"], "--out", str(out), "--baseline", "grpo", "--resamples", "100"])
+    assert "start" in (out / "compare.md").read_text()
+    assert set(json.loads((out / "paired.json").read_text())) == {"mrt"}
+    assert "start: 1 evaluation(s) against 2 of grpo, in compare.md but not paired." in (out / "paired.md").read_text()
+    with pytest.raises(SystemExit):
+        main(["--group", "grpo", paths["g0"], "--out", str(out), "--baseline", "nope"])

@@ -273,12 +273,21 @@ def main(argv: list[str] | None = None) -> dict:
     print(markdown_table(table), end="")
     written = [str(out / "compare.md"), str(out / "compare.json"), *plots]
     if args.baseline is not None:
-        paired = paired_comparison(groups, args.baseline, resamples=args.resamples)
-        (out / "paired.md").write_text(paired_markdown(paired, args.baseline))
+        if args.baseline not in groups:
+            parser.error(f"--baseline {args.baseline!r} is not one of the groups {list(groups)}")
+        # A group with another number of evaluations than the baseline (a single reference run such
+        # as the starting checkpoint) is in the table and plots but cannot be paired: say so.
+        seeds = len(groups[args.baseline])
+        unpaired = [label for label, results in groups.items() if len(results) != seeds]
+        paired = paired_comparison({k: v for k, v in groups.items() if k not in unpaired}, args.baseline,
+                                   resamples=args.resamples)
+        note = "".join(f"\n{label}: {len(groups[label])} evaluation(s) against {seeds} of {args.baseline}, "
+                       f"in compare.md but not paired.\n" for label in unpaired)
+        (out / "paired.md").write_text(paired_markdown(paired, args.baseline) + note)
         (out / "paired.json").write_text(json.dumps(
             {label: {k: {"estimate": v, "low": lo, "high": hi} for k, (v, lo, hi) in row.items()}
              for label, row in paired.items()}, indent=2) + "\n")
-        print(paired_markdown(paired, args.baseline), end="")
+        print(paired_markdown(paired, args.baseline) + note, end="")
         written += [str(out / "paired.md"), str(out / "paired.json")]
     print("wrote " + ", ".join(written))
     return table

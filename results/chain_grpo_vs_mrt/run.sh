@@ -66,3 +66,4 @@ for arm in grpo mrt-rl mrt-online grpo-lp; do
   groups+=(--group "$arm"); for seed in $SEEDS; do groups+=("$RUNS/$arm-$seed/eval"); done
 done
 python -m mrt_fast.eval.compare "${groups[@]}" --out "$OUT" --baseline grpo
+python "$HERE/training_curves.py" "$RUNS" "$OUT" grpo mrt-rl mrt-online grpo-lp

@@ -1,5 +1,5 @@
 """Training curves of the grid, per arm: the mean over seeds (thick) and each seed (thin) of
-outcome accuracy, response length, entropy and the progress reward, against the step. Writes
+outcome accuracy, response length, entropy, the progress reward and the advantages' scale, against the step. Writes
 training_curves.png and training.md (first 5 and last 10 steps of each, mean over seeds).
 
     python results/chain_grpo_vs_mrt/training_curves.py RUNS OUT grpo mrt-rl mrt-online grpo-lp
@@ -15,6 +15,7 @@ CURVES = (
     ("response_length/mean", "response tokens"),
     ("actor/entropy", "entropy"),
     ("reward/progress/mean", "progress reward"),
+    ("advantage/abs_mean", "mean |advantage|"),
 )
 
 

@@ -306,6 +306,25 @@ def direct_answer_probe(model, tokenizer, *, steps: int = 800, batch_size: int =
             "curve": curve, "first_loss": history[0]["loss"], "final_loss": history[-1]["loss"]}
 
 
+def progress_tables(model, tokenizer, *, n_problems: int, k: int, task: str, temperature: float,
+                    log=lambda m: print(m, flush=True)) -> dict:
+    """Both progress tables (own traces, then task-written prefixes) as one JSON-ready dict."""
+    table = measure_progress(model, tokenizer, n_problems=n_problems, k=k, task=task, temperature=temperature)
+    log(table.markdown())
+    scripted = scripted_progress(model, tokenizer, n_problems=n_problems, k=k, task=task, temperature=temperature)
+    log(scripted.markdown())
+    return {"progress": {"j_by_productive": table.j_by_productive,
+                         "j_by_last": {f"{n},{'productive' if p else 'unproductive'}": v
+                                       for (n, p), v in table.j_by_last.items()},
+                         "delta_productive": table.delta_productive,
+                         "delta_unproductive": table.delta_redundant, "n_productive": table.n_productive,
+                         "n_unproductive": table.n_redundant, "trace_accuracy": table.accuracy},
+            "scripted_progress": {"j_failed": scripted.j_failed, "j_found": scripted.j_found,
+                                  "delta_recheck": scripted.delta_recheck,
+                                  "j_by_productive": scripted.j_by_productive()},
+            "problems": n_problems, "k": k}
+
+
 def _task_checks(model, tokenizer, args) -> dict:
     """Hop accuracy, pass@1 and the progress table, printed as they come."""
     results = {"hop_accuracy": hop_accuracy(model, tokenizer, generate_problems(128, seed=HOP_SEED, task=args.task))}
@@ -315,21 +334,8 @@ def _task_checks(model, tokenizer, args) -> dict:
     results["pass_at_1_t1"] = task_accuracy(
         model, tokenizer, generate_problems(args.pass_problems, seed=PASS_SEED, task=args.task), temperature=1.0)
     print(f"pass@1 at T=1 ({args.pass_problems} problems): {results['pass_at_1_t1']:.3f}", flush=True)
-    table = measure_progress(model, tokenizer, n_problems=args.problems, k=args.k, task=args.task,
-                             temperature=args.temperature)
-    results["progress"] = {"j_by_productive": table.j_by_productive,
-                           "j_by_last": {f"{n},{'productive' if p else 'unproductive'}": v
-                                         for (n, p), v in table.j_by_last.items()},
-                           "delta_productive": table.delta_productive,
-                           "delta_unproductive": table.delta_redundant, "n_productive": table.n_productive,
-                           "n_unproductive": table.n_redundant, "trace_accuracy": table.accuracy}
-    print(table.markdown(), flush=True)
-    scripted = scripted_progress(model, tokenizer, n_problems=args.problems, k=args.k, task=args.task,
-                                 temperature=args.temperature)
-    results["scripted_progress"] = {"j_failed": scripted.j_failed, "j_found": scripted.j_found,
-                                    "delta_recheck": scripted.delta_recheck,
-                                    "j_by_productive": scripted.j_by_productive()}
-    print(scripted.markdown(), flush=True)
+    results.update(progress_tables(model, tokenizer, n_problems=args.problems, k=args.k, task=args.task,
+                                   temperature=args.temperature))
     return results
 
 
@@ -345,15 +351,22 @@ def main(argv=None):
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--direct-steps", type=int, default=800, help="0: skip the direct-answer probe")
     parser.add_argument("--only-direct", action="store_true", help="only the direct-answer probe")
+    parser.add_argument("--only-progress", action="store_true",
+                        help="only the two progress tables (how J changes along thinking, e.g. over training)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=None, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     model, tokenizer = load_warm_start(path=args.model)
+    if args.only_direct and args.only_progress:
+        parser.error("--only-direct and --only-progress exclude each other")
     results = {}
-    if not args.only_direct:
+    if args.only_progress:
+        results.update(progress_tables(model, tokenizer, n_problems=args.problems, k=args.k, task=args.task,
+                                       temperature=args.temperature))
+    elif not args.only_direct:
         results.update(_task_checks(model, tokenizer, args))
-    if args.direct_steps:
+    if args.direct_steps and not args.only_progress:
         results["direct"] = direct_answer_probe(model, tokenizer, steps=args.direct_steps, task=args.task,
                                                 log=lambda m: print(m, flush=True) if "accuracy" in m else None)
         print("direct-answer probe: " + json.dumps(results["direct"]), flush=True)

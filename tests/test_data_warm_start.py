@@ -13,6 +13,7 @@ from mrt_fast.data.warm_start import (
     collate,
     encode_drill,
     encode_example,
+    encode_guess_drill,
     main,
     sample_responses,
     sft_loss,
@@ -127,6 +128,34 @@ def test_drills_with_verdicts_label_the_fact_and_the_whole_verdict():
     assert [tok.decode([t]) for t in labels if t != IGNORE_INDEX] == expected
 
 
+def test_guess_drills_label_one_guess_among_the_keys_not_tried():
+    import random
+    from collections import Counter
+
+    from mrt_fast.data import TERMINATION_TEXT, build_tiny_tokenizer, chat_prompt_text
+    from mrt_fast.data.synthetic import answer_text, read_attempts
+
+    tok = build_tiny_tokenizer()
+    rng = random.Random(4)
+    tried_counts, guessed_answer = Counter(), 0
+    for problem in generate_problems(200, seed=9):
+        ids, labels = encode_guess_drill(tok, problem, rng)
+        text = tok.decode(ids)
+        assert ids == tok(text, add_special_tokens=False)["input_ids"]  # the same ids as the whole text
+        prompt = chat_prompt_text(problem.prompt) + "<think>\n"
+        thinking, answer = text[len(prompt):].split(TERMINATION_TEXT)
+        attempts = read_attempts(problem, thinking.rstrip("\n"))
+        assert all(a.complete and a.key != problem.answer for a in attempts)
+        tried = {a.key for a in attempts}
+        guess = [tok.decode([t]) for t in labels if t != IGNORE_INDEX]
+        assert len(guess) == 1 and guess[0] in problem.meta["keys"] and guess[0] not in tried
+        assert answer == answer_text(guess[0]) + "<|im_end|>"
+        tried_counts[len(tried)] += 1
+        guessed_answer += guess[0] == problem.answer
+    assert set(tried_counts) == set(range(6))  # from no attempt up to every wrong key
+    assert 0.2 < guessed_answer / 200 < 0.6  # 1/(6 - c) on average over c
+
+
 def test_sft_loss_matches_a_per_example_fp64_reference():
     from transformers import AutoModelForCausalLM
 
@@ -198,6 +227,27 @@ def test_shipped_checkpoint_answers_the_found_key_when_forced_and_ignores_rechec
     assert abs(result.delta_recheck) <= 0.1, result.markdown()
     expected = result.j_by_productive()
     assert expected[3] > expected[0] + 0.2, result.markdown()  # finding the key is what raises J
+
+
+def test_task_probe_only_progress_writes_both_progress_tables(tmp_path):
+    """``--only-progress``: the J tables alone, as the experiment measures them over training."""
+    from transformers import AutoModelForCausalLM
+
+    from mrt_fast.data import build_tiny_tokenizer, tiny_model_config
+    from mrt_fast.data.task_probe import main as probe
+
+    torch.manual_seed(0)
+    tok = build_tiny_tokenizer()
+    AutoModelForCausalLM.from_config(tiny_model_config(len(tok), **MICRO_MODEL)).save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    out = tmp_path / "progress.json"
+    probe(["--model", str(tmp_path / "m"), "--only-progress", "--problems", "2", "--k", "2", "--out", str(out)])
+    results = json.loads(out.read_text())
+    assert set(results) == {"progress", "scripted_progress", "problems", "k"}
+    assert results["progress"]["j_by_last"]["0,productive"][1] == 2  # the empty prefix of both problems
+    assert 0.0 <= results["scripted_progress"]["j_found"] <= 1.0
+    with pytest.raises(SystemExit):
+        probe(["--model", str(tmp_path / "m"), "--only-progress", "--only-direct"])
 
 
 def test_direct_answer_probe_fine_tunes_a_copy_on_answers_without_thinking():

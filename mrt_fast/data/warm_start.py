@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from .chat import IM_END, PARAGRAPH_SEP, THINK_START, chat_prompt_text
+from .chat import IM_END, PARAGRAPH_SEP, TERMINATION_TEXT, THINK_START, chat_prompt_text
 from .grading import grade
 from .synthetic import (
     DEFAULT_DIFFICULTY,
@@ -35,6 +35,9 @@ from .synthetic import (
     GRADER_KIND,
     Problem,
     TraceStyle,
+    answer_text,
+    attempt_opening,
+    attempt_steps,
     generate_problems,
     iter_problems,
     lookups,
@@ -64,6 +67,7 @@ class WarmStartConfig:
     batch_size: int = 16
     lr: float = 1e-3
     drill_share: float = 0.25  # fraction of every phase-2 batch that is drills
+    guess_drills: float = 0.0  # fraction of every phase-2 batch that is forced guesses after failed attempts
     warmup_steps: int = 100  # of each phase
     weight_decay: float = 0.01
     seed: int = 0
@@ -117,6 +121,33 @@ def encode_drill(
     labels = [tid if any(a <= s and e <= b for a, b in spans) else IGNORE_INDEX
               for tid, (s, e) in zip(enc["input_ids"], enc["offset_mapping"])]
     return enc["input_ids"], labels
+
+
+def encode_guess_drill(tokenizer, problem: Problem, rng: random.Random) -> tuple[list[int], list[int]]:
+    """A forced guess after failed attempts: the prompt, 0 to N-1 attempts on wrong keys (a quarter of
+    them re-checks), the termination text, and a guess drawn among the keys not tried yet.
+
+    The label is on the guessed key only: its best prediction is uniform over the untried keys, so
+    J (the forced answer's accuracy) rises by a failed attempt: 1/N, 1/(N-1), ... up to 1.
+    """
+    keys = problem.meta["keys"]
+    wrong = rng.sample([k for k in keys if k != problem.answer], len(keys) - 1)
+    tried = wrong[:rng.randint(0, len(wrong))]
+    paragraphs: list[str] = []
+    for i, key in enumerate(tried):
+        for again in ([False, True] if i and rng.random() < 0.25 else [False]):
+            recheck_key = rng.choice(tried[:i]) if again else key
+            paragraphs += [attempt_opening(rng, recheck_key, first=not paragraphs, recheck=again),
+                           *attempt_steps(problem, recheck_key)]
+    guess = rng.choice([k for k in keys if k not in tried])
+    head, tail = answer_text("\0").split("\0")
+    thinking = PARAGRAPH_SEP.join(paragraphs) + (PARAGRAPH_SEP if paragraphs else "")
+    context = chat_prompt_text(problem.prompt) + THINK_START + "\n" + thinking + TERMINATION_TEXT + head
+    context_ids = tokenizer(context, add_special_tokens=False)["input_ids"]
+    guess_ids = tokenizer(guess, add_special_tokens=False)["input_ids"]
+    tail_ids = tokenizer(tail + IM_END, add_special_tokens=False)["input_ids"]
+    labels = [IGNORE_INDEX] * len(context_ids) + guess_ids + [IGNORE_INDEX] * len(tail_ids)
+    return context_ids + guess_ids + tail_ids, labels
 
 
 def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -281,6 +312,9 @@ def train(cfg: WarmStartConfig, *, log=print, snapshot_dir: str | Path | None = 
             batch.append(encode_example(tokenizer, problem.prompt, sft_trace(problem, trace_rng, TraceStyle())))
         return batch
 
+    def guesses(n: int) -> list:
+        return [encode_guess_drill(tokenizer, next(problems), drill_rng) for _ in range(n)]
+
     def evaluate(phase: str):
         def on_step(step: int, record: dict) -> None:
             if not cfg.eval_every or step % cfg.eval_every:
@@ -300,9 +334,14 @@ def train(cfg: WarmStartConfig, *, log=print, snapshot_dir: str | Path | None = 
 
     pad = tokenizer.pad_token_id
     n_drills = round(cfg.drill_share * cfg.batch_size)
+    n_guesses = round(cfg.guess_drills * cfg.batch_size)
+    if n_drills + n_guesses >= cfg.batch_size:
+        raise ValueError(f"drill_share + guess_drills must leave traces in the batch of {cfg.batch_size}, "
+                         f"got {cfg.drill_share} + {cfg.guess_drills}")
     history = fit_phase(model, lambda: collate(drills(cfg.drill_batch_size), pad), steps=cfg.drill_steps,
                         peak=cfg.drill_lr, cfg=cfg, phase="drills", log=log, on_step=evaluate("drills"))
-    history += fit_phase(model, lambda: collate(traces(cfg.batch_size - n_drills) + drills(n_drills), pad),
+    history += fit_phase(model, lambda: collate(traces(cfg.batch_size - n_drills - n_guesses) + drills(n_drills)
+                                                + guesses(n_guesses), pad),
                          steps=cfg.steps, peak=cfg.lr, cfg=cfg, phase="traces", log=log, on_step=evaluate("traces"))
     return model, tokenizer, history
 
@@ -314,7 +353,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name in ("drill_steps", "drill_batch_size", "drill_lookups", "steps", "batch_size", "seed", "difficulty",
                  "threads", "eval_problems", "max_new_tokens", "eval_every", "warmup_steps"):
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
-    for name in ("drill_lr", "lr", "drill_share", "drill_verdicts"):
+    for name in ("drill_lr", "lr", "drill_share", "drill_verdicts", "guess_drills"):
         parser.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(defaults, name))
     parser.add_argument("--task", default=defaults.task, help="embedded task variant: chain (default) or recall")
     parser.add_argument("--init-from", default=None, help="continue training this checkpoint directory")

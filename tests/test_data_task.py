@@ -12,6 +12,7 @@ from mrt_fast.data import (
     THINK_START,
     build_tiny_tokenizer,
     chat_prompt_text,
+    extract_boxed,
     generate_problems,
     grade,
     load_tiny_tokenizer,
@@ -31,6 +32,7 @@ from mrt_fast.data.synthetic import (
     key_value,
     lookups,
     read_attempts,
+    untried_text,
 )
 from mrt_fast.mrt.episodes import response_episodes, split_episodes
 
@@ -193,6 +195,40 @@ def test_the_default_splitter_cuts_one_episode_per_attempt(task):
         assert [thinking[:e].rstrip("\n") for e in ends[:-1]] == [thinking[: a.end] for a in attempts[:-1]]
         assert ends[-1] == len(thinking)
         assert len(response_episodes(trace)) == len(attempts)
+
+
+def test_listed_traces_try_the_first_untried_key_and_write_the_rest():
+    """``TraceStyle(list_untried=True)``: every failed attempt is followed by the keys not tried
+    yet, in the question's order; the next new attempt tries the first of them; a give-up guesses
+    among them; and the attempts read back as in the default format."""
+    rng = random.Random(3)
+    style = TraceStyle(list_untried=True)
+    gave_up = found = 0
+    for problem in generate_problems(300, seed=5):
+        keys, trace = problem.meta["keys"], sft_trace(problem, rng, style)
+        thinking = trace[len(THINK_START) + 1:].split(TERMINATION_TEXT)[0].split("\n" + THINK_END)[0]
+        tried, untried = [], list(keys)
+        paragraphs = thinking.split("\n\n") if thinking else []
+        for attempt in read_attempts(problem, thinking):
+            if attempt.productive:
+                assert attempt.key == untried[0]  # the first key of the last list (or of the question)
+                tried.append(attempt.key)
+                untried.remove(attempt.key)
+            else:
+                assert attempt.key in tried  # a re-check
+            if attempt.key != problem.answer:
+                after = thinking[attempt.end:].lstrip("\n").split("\n")[0]
+                assert after == untried_text(problem, tried) == "Keys not tried: " + ", ".join(untried) + "."
+        assert sum(p.startswith("Keys not tried:") for p in paragraphs) == sum(
+            a.key != problem.answer for a in read_attempts(problem, thinking))
+        if TERMINATION_TEXT in trace and problem.answer not in tried:
+            gave_up += 1
+            assert extract_boxed(trace) in untried
+        found += problem.answer in tried
+    assert gave_up > 50 and found > 100
+    # The default format is unchanged: no lists, keys in a random order.
+    default = [sft_trace(p, random.Random(0)) for p in generate_problems(50, seed=5)]
+    assert not any("Keys not tried" in t for t in default)
 
 
 def test_lookups_are_the_steps_of_the_traces():

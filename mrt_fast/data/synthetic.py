@@ -107,6 +107,10 @@ class TraceStyle:
         recheck_found_prob: chance of re-checking the found key before answering.
         terminate_found_prob: chance of ending a successful trace with the termination text
             (shows the model how to answer after a forced termination that follows a find).
+        list_untried: try the keys in the question's order and, after each failed attempt, write
+            the keys not tried yet (``Keys not tried: U, Z, N.``, :func:`untried_text`), whose first
+            is tried next and among which a give-up guesses. Every step is then a copy from the
+            text, so a forced guess can rule out the failed keys (off: the task's default format).
     """
 
     recheck_prob: float = 0.25
@@ -114,6 +118,7 @@ class TraceStyle:
     give_up_first_prob: float = 0.05
     recheck_found_prob: float = 0.2
     terminate_found_prob: float = 0.5
+    list_untried: bool = False
 
     def __post_init__(self) -> None:
         for name in ("recheck_prob", "give_up_prob", "give_up_first_prob", "recheck_found_prob",
@@ -322,6 +327,15 @@ def attempt_opening(rng: random.Random, key: str, *, first: bool, recheck: bool)
     return f"{cue} Let me try {key}." if cue.endswith("?") else f"{cue}, try {key}."
 
 
+UNTRIED_HEAD = "Keys not tried:"
+
+
+def untried_text(problem: Problem, tried) -> str:
+    """The paragraph a listed trace writes after a failed attempt: the keys not tried yet, in the
+    question's order."""
+    return f"{UNTRIED_HEAD} " + ", ".join(k for k in problem.meta["keys"] if k not in tried) + "."
+
+
 def sft_trace(problem: Problem, rng: random.Random, style: TraceStyle = TraceStyle()) -> str:
     """A full assistant turn for ``problem``: ``<think>`` attempts ``</think>`` and the answer.
 
@@ -331,7 +345,7 @@ def sft_trace(problem: Problem, rng: random.Random, style: TraceStyle = TraceSty
     if not isinstance(rng, random.Random):
         raise TypeError(f"rng must be a random.Random, got {type(rng).__name__}")
     keys = problem.meta["keys"]
-    order = rng.sample(keys, len(keys))
+    order = list(keys) if style.list_untried else rng.sample(keys, len(keys))
     tried: list[str] = []
     paragraphs: list[str] = []
     found = None
@@ -344,7 +358,10 @@ def sft_trace(problem: Problem, rng: random.Random, style: TraceStyle = TraceSty
             tried.append(key)
         if key == problem.answer:
             found = key
-        elif rng.random() < style.give_up_prob:
+            continue
+        if style.list_untried:
+            paragraphs.append(untried_text(problem, tried))
+        if rng.random() < style.give_up_prob:
             break
     thinking = THINK_START + "\n" + PARAGRAPH_SEP.join(paragraphs)
     if found is None:

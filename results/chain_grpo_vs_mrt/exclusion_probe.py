@@ -9,14 +9,14 @@ attempt, not only with the find).
         Fine-tunes the shipped warm start on guess drills alone (``warm_start.encode_guess_drill``,
         batch 32), then prints the mass table.
     python results/chain_grpo_vs_mrt/exclusion_probe.py listed OUT [--steps 600] [--lr 1e-3]
-        A trace format where every step is a copy from the text: keys are tried in the question's
-        order, and after each failed attempt the trace writes the keys not tried yet
-        ("Keys not tried: U, Z, N, Q."), whose first key is tried next and among which a give-up
-        guesses. Fine-tunes the shipped warm start on such traces (with a quarter of recall drills),
+        A trace format where every step is a copy from the text (``TraceStyle(list_untried=True)``):
+        keys are tried in the question's order, and after each failed attempt the trace writes the
+        keys not tried yet ("Keys not tried: U, Z, N, Q."), whose first key is tried next and among
+        which a give-up guesses. Fine-tunes the shipped warm start on such traces (with a quarter of recall drills),
         then reports how often the lists are written right (teacher-forced), the same mass table
         on prefixes in this format, and pass@1 at T=1.
 
-A prototype for the next version of the task, not part of it: `mrt_fast` does not write this format.
+The listed format is ``synthetic.TraceStyle(list_untried=True)``; the shipped warm start does not use it (yet).
 """
 
 import argparse
@@ -25,47 +25,17 @@ import statistics
 
 import torch
 
-from mrt_fast.data import TERMINATION_TEXT, THINK_END, THINK_START, chat_prompt_text, load_warm_start
+from mrt_fast.data import TERMINATION_TEXT, THINK_START, chat_prompt_text, load_warm_start
 from mrt_fast.data.chat import PARAGRAPH_SEP
 from mrt_fast.data.grading import grade
-from mrt_fast.data.synthetic import (GRADER_KIND, answer_text, attempt_opening, attempt_steps, generate_problems,
-                                     iter_problems, shorter_map)
+from mrt_fast.data.synthetic import (GRADER_KIND, UNTRIED_HEAD, TraceStyle, answer_text, attempt_opening,
+                                     attempt_steps, generate_problems, iter_problems, sft_trace, shorter_map,
+                                     untried_text)
 from mrt_fast.data.warm_start import (WarmStartConfig, collate, encode_drill, encode_example, encode_guess_drill,
                                       fit_phase, sample_responses)
 
-LIST_HEAD = "Keys not tried:"
 MASS_SEED, LIST_SEED, PASS_SEED, TRAIN_SEED, GUESS_SEED = 4242, 4545, 4343, 79, 77
-
-
-def untried_text(problem, tried) -> str:
-    return f"{LIST_HEAD} " + ", ".join(k for k in problem.meta["keys"] if k not in tried) + "."
-
-
-def listed_trace(problem, rng, *, recheck=0.25, give_up=0.3, recheck_found=0.2, terminate_found=0.5) -> str:
-    """A warm-start trace in the listed format (the same knobs as ``synthetic.TraceStyle``)."""
-    keys = problem.meta["keys"]
-    tried: list[str] = []
-    paragraphs: list[str] = []
-    while True:
-        again = bool(tried) and rng.random() < recheck
-        key = rng.choice(tried) if again else keys[len(tried)]
-        paragraphs += [attempt_opening(rng, key, first=not paragraphs, recheck=again), *attempt_steps(problem, key)]
-        if not again:
-            tried.append(key)
-        if key == problem.answer:
-            break
-        paragraphs.append(untried_text(problem, tried))
-        if rng.random() < give_up:
-            guess = rng.choice([k for k in keys if k not in tried])
-            return (THINK_START + "\n" + PARAGRAPH_SEP.join(paragraphs) + PARAGRAPH_SEP + TERMINATION_TEXT
-                    + answer_text(guess))
-    thinking = THINK_START + "\n" + PARAGRAPH_SEP.join(paragraphs)
-    if rng.random() < recheck_found:
-        again = [attempt_opening(rng, problem.answer, first=False, recheck=True), *attempt_steps(problem, problem.answer)]
-        thinking += PARAGRAPH_SEP + PARAGRAPH_SEP.join(again)
-    if rng.random() < terminate_found:
-        return thinking + PARAGRAPH_SEP + TERMINATION_TEXT + answer_text(problem.answer)
-    return thinking + "\n" + THINK_END + "\n\n" + answer_text(problem.answer)
+LISTED = TraceStyle(list_untried=True)
 
 
 @torch.no_grad()
@@ -104,17 +74,17 @@ def list_accuracy(model, tokenizer, n_problems: int = 96) -> float:
     rng = random.Random(LIST_SEED)
     right = total = 0
     for problem in generate_problems(n_problems, seed=LIST_SEED):
-        response, prompt = listed_trace(problem, rng), chat_prompt_text(problem.prompt)
+        response, prompt = sft_trace(problem, rng, LISTED), chat_prompt_text(problem.prompt)
         enc = tokenizer(prompt + response, add_special_tokens=False, return_offsets_mapping=True, return_tensors="pt")
         hits = model(input_ids=enc["input_ids"]).logits[0, :-1].argmax(-1) == enc["input_ids"][0, 1:]
         starts = enc["offset_mapping"][0, 1:, 0]
-        at = response.find(LIST_HEAD)
+        at = response.find(UNTRIED_HEAD)
         while at >= 0:
             end = response.index("\n", at)
-            inside = (starts >= len(prompt) + at + len(LIST_HEAD)) & (starts < len(prompt) + end)
+            inside = (starts >= len(prompt) + at + len(UNTRIED_HEAD)) & (starts < len(prompt) + end)
             right += bool(hits[inside].all())
             total += 1
-            at = response.find(LIST_HEAD, end)
+            at = response.find(UNTRIED_HEAD, end)
     return right / total
 
 
@@ -152,7 +122,7 @@ def main() -> None:
         examples = []
         for _ in range(12):
             problem = next(problems)
-            examples.append(encode_example(tokenizer, problem.prompt, listed_trace(problem, rng)))
+            examples.append(encode_example(tokenizer, problem.prompt, sft_trace(problem, rng, LISTED)))
         for _ in range(4):
             problem = next(problems)
             small = shorter_map(problem, rng.randint(2, len(problem.meta["links"])))

@@ -351,7 +351,7 @@ def test_shipped_tokenizer_matches_the_code(tokenizer):
     assert shipped.chat_template == tokenizer.chat_template
 
 
-def _same_tokenization(loaded, tokenizer):
+def _assert_same_tokenization(loaded, tokenizer):
     rng = random.Random(2)
     texts = [chat_prompt_text(p.prompt) + sft_trace(p, rng) + "<|im_end|>" for p in generate_problems(8, seed=6)]
     texts += [chat_prompt_text(p.prompt) for p in generate_problems(4, seed=6, task="recall")]
@@ -372,7 +372,7 @@ def test_auto_tokenizer_on_the_shipped_model_gives_the_same_ids(tokenizer):
 
     from mrt_fast.data.tokenizer import ASSETS_DIR
 
-    _same_tokenization(AutoTokenizer.from_pretrained(str(ASSETS_DIR)), tokenizer)
+    _assert_same_tokenization(AutoTokenizer.from_pretrained(str(ASSETS_DIR)), tokenizer)
 
 
 def test_auto_tokenizer_on_an_hf_export_gives_the_same_ids(tokenizer, tmp_path):
@@ -385,7 +385,7 @@ def test_auto_tokenizer_on_an_hf_export_gives_the_same_ids(tokenizer, tmp_path):
     model = AutoModelForCausalLM.from_config(config)
     export_hf(tmp_path, model.state_dict(), model, tokenizer=tokenizer)
     assert (tmp_path / "config.json").is_file()
-    _same_tokenization(AutoTokenizer.from_pretrained(str(tmp_path)), tokenizer)
+    _assert_same_tokenization(AutoTokenizer.from_pretrained(str(tmp_path)), tokenizer)
 
 
 def test_tiny_model_config_is_small_and_matches_tokenizer(tokenizer):
